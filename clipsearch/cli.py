@@ -1,0 +1,74 @@
+"""The `clipsearch` command: run the services, index folders, search them, make test models."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from clipsearch.logs import configure_logging
+from clipsearch.options import add_options, from_namespace
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _serve_encoder(args: argparse.Namespace) -> int:
+    from encoder_service.config import EncoderConfig
+    from encoder_service.server import serve
+
+    config = from_namespace(EncoderConfig, args)
+    configure_logging(config.log_json)
+    return asyncio.run(serve(config))
+
+
+def _model_random(args: argparse.Namespace) -> int:
+    from encoder_service.testmodels import save_random_vit_b32
+
+    path = save_random_vit_b32(Path(args.out), seed=args.seed)
+    print(f"wrote a random-weight ViT-B/32 (seed {args.seed}) to {path}")
+    return 0
+
+
+def _model_tiny(args: argparse.Namespace) -> int:
+    from encoder_service.testmodels import train_tiny_clip
+
+    path = train_tiny_clip(Path(args.out), seed=args.seed, log=print)
+    print(f"wrote the tiny shapes CLIP (seed {args.seed}) to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from encoder_service.config import ENV_PREFIX as ENCODER_ENV
+    from encoder_service.config import EncoderConfig
+
+    parser = argparse.ArgumentParser(prog="clipsearch", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run one service").add_subparsers(
+        dest="service", required=True)
+    encoder = serve.add_parser("encoder", help="the CLIP encoder gRPC service")
+    add_options(encoder, EncoderConfig, ENCODER_ENV)
+    encoder.set_defaults(handler=_serve_encoder)
+
+    model = commands.add_parser("model", help="make test models (no real weights needed)")
+    kinds = model.add_subparsers(dest="kind", required=True)
+    random_model = kinds.add_parser("random-vit-b32",
+                                    help="a random-weight model of the exact ViT-B/32 shape")
+    tiny = kinds.add_parser("tiny", help="a tiny CLIP trained here on generated shapes")
+    for sub, handler in ((random_model, _model_random), (tiny, _model_tiny)):
+        sub.add_argument("--out", required=True, help="checkpoint file to write")
+        sub.add_argument("--seed", type=int, default=0)
+        sub.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The encoder service: CLIP vectors for texts and images over gRPC."""

@@ -1,0 +1,39 @@
+"""Every setting of the encoder service, in one place (flags + CLIPSEARCH_ENCODER_* variables)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clipsearch.options import option
+from clipsearch.serving import ServerConfig
+
+ENV_PREFIX = "CLIPSEARCH_ENCODER_"
+DEFAULT_PORT = 50051
+
+
+@dataclass
+class EncoderConfig(ServerConfig):
+    port: int = option("port to listen on", default=DEFAULT_PORT)
+    model: str = option("CLIP model name (clip.available_models()) or a checkpoint path "
+                        "(JIT archive or state dict)", default="ViT-B/32")
+    weights_dir: str = option("where named models' weights are looked for and downloaded to",
+                              default="~/.cache/clip")
+    download: bool = option("download named weights when missing from --weights-dir",
+                            default=True)
+    device: str = option("auto | cpu | cuda | cuda:N (auto takes CUDA when present)",
+                         default="auto")
+    precision: str = option("auto | fp32 | bf16 | fp16 (auto: fp16 on CUDA, bf16 on a CPU "
+                            "with native bf16, else fp32)", default="auto")
+    max_batch: int = option("largest model batch the dynamic batcher forms", default=32)
+    max_delay_ms: float = option("longest a request waits for others to join its batch",
+                                 default=5.0)
+    max_queue: int = option("items waiting for the model beyond which calls get "
+                            "RESOURCE_EXHAUSTED", default=2048)
+    max_items_per_call: int = option("most texts or images in one call", default=256)
+    max_pixels: int = option("largest decoded image, in pixels (decompression-bomb guard)",
+                             default=40_000_000)
+    max_text_bytes: int = option("longest text accepted, in UTF-8 bytes", default=4096)
+    decode_threads: int = option("threads decoding and preprocessing images (0: one per CPU)",
+                                 default=0)
+    torch_threads: int = option("intra-op threads for inference on CPU (0: torch default)",
+                                default=0)

@@ -1,0 +1,56 @@
+"""Decoding untrusted image bytes into the model's input, safely and exactly as the reference."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+
+# Only these decoders run on caller bytes: PIL can open many more (EPS would start
+# Ghostscript), which has no place behind a network port.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+class ImageError(ValueError):
+    """These bytes cannot be used as an image; the message says why."""
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Opens and fully decodes `data` (the first frame of an animation). The pixel count
+    is checked from the header, before decoding, so a decompression bomb costs nothing."""
+    if not data:
+        raise ImageError("empty: zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"too many pixels: {exc}") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"not an image in a supported format ({', '.join(ACCEPTED_FORMATS)})"
+                         ) from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(f"too many pixels: {width}x{height} = {width * height} "
+                         f"is over the limit of {max_pixels}")
+    if width == 0 or height == 0:
+        raise ImageError(f"empty image: {width}x{height}")
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"cannot decode {image.format} data: {exc}") from exc
+    return image
+
+
+def image_tensor(data: bytes, preprocess: Callable[[Image.Image], torch.Tensor],
+                 max_pixels: int) -> torch.Tensor:
+    """The reference input: clip's own preprocess (bicubic resize, centre crop, RGB,
+    normalise) applied to the decoded image, as `preprocess(Image.open(path))` does."""
+    image = open_image(data, max_pixels)
+    try:
+        return preprocess(image)
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"cannot convert {image.format} {image.mode} image: {exc}") from exc

@@ -1,0 +1,1 @@
+"""The search service: ingest into Milvus and search it, calling the encoder."""

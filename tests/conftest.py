@@ -1,0 +1,96 @@
+"""Shared fixtures: test models, real encoder processes, the reference model."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from encoder_service.model import CLIP, build_model, clip
+from tests.servers import RunningService, running
+
+PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[Path]:
+    found = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
+    assert len(found) == 200, f"expected the 200 sample photos in {PHOTOS}"
+    return found
+
+
+@pytest.fixture(scope="session")
+def random_vit_b32() -> Path:
+    from encoder_service.testmodels import cached_random_vit_b32
+
+    return cached_random_vit_b32()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip() -> Path:
+    from encoder_service.testmodels import cached_tiny_clip
+
+    return cached_tiny_clip()
+
+
+@dataclass
+class Reference:
+    """The seed's code path, independent of the service: clip's own model and preprocess."""
+
+    model: CLIP
+    preprocess: Callable[[Image.Image], torch.Tensor]
+
+    @torch.inference_mode()
+    def image(self, path_or_bytes: Path | bytes) -> np.ndarray:
+        source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+        features = self.model.encode_image(self.preprocess(Image.open(source)).unsqueeze(0))
+        return (features / features.norm(dim=-1, keepdim=True))[0].numpy()
+
+    @torch.inference_mode()
+    def texts(self, texts: list[str]) -> np.ndarray:
+        features = self.model.encode_text(clip.tokenize(texts, truncate=True))
+        return (features / features.norm(dim=-1, keepdim=True)).numpy()
+
+
+def reference_for(path: Path) -> Reference:
+    model = build_model(torch.load(path, map_location="cpu")).float().eval()
+    return Reference(model, clip.clip._transform(model.visual.input_resolution))
+
+
+@pytest.fixture(scope="session")
+def reference_model(random_vit_b32: Path) -> Reference:
+    """The random ViT-B/32 loaded as the seed loads a model on the CPU (fp32)."""
+    return reference_for(random_vit_b32)
+
+
+@pytest.fixture(scope="session")
+def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+def _encoder(model: Path, logs: Path, name: str, *extra: str) -> Iterator[RunningService]:
+    with running(["serve", "encoder", "--model", str(model), "--device", "cpu", *extra],
+                 logs / f"{name}.log") as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+def encoder_fp32(random_vit_b32: Path, logs_dir: Path) -> Iterator[RunningService]:
+    yield from _encoder(random_vit_b32, logs_dir, "encoder-fp32", "--precision", "fp32")
+
+
+@pytest.fixture(scope="session")
+def encoder_bf16(random_vit_b32: Path, logs_dir: Path) -> Iterator[RunningService]:
+    yield from _encoder(random_vit_b32, logs_dir, "encoder-bf16", "--precision", "bf16")
+
+
+@pytest.fixture(scope="session")
+def encoder_tiny(tiny_clip: Path, logs_dir: Path) -> Iterator[RunningService]:
+    yield from _encoder(tiny_clip, logs_dir, "encoder-tiny", "--precision", "fp32",
+                        "--max-message-mb", "4", "--max-items-per-call", "64")
