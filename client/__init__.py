@@ -13,6 +13,16 @@ from client.errors import (
     Unauthenticated,
     Unavailable,
 )
+from client.search import (
+    Filter,
+    Hit,
+    IndexFailure,
+    IndexItem,
+    IndexSummary,
+    SearchClient,
+    Stats,
+    image_files,
+)
 
 __all__ = [
     "ClipsearchError",
@@ -20,12 +30,20 @@ __all__ = [
     "EncodeResults",
     "EncoderClient",
     "FailedPrecondition",
+    "Filter",
+    "Hit",
+    "IndexFailure",
+    "IndexItem",
+    "IndexSummary",
     "InvalidArgument",
     "ItemsFailed",
     "ModelInfo",
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
+    "SearchClient",
+    "Stats",
     "Unauthenticated",
     "Unavailable",
+    "image_files",
 ]

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from client.errors import ClipsearchError
+from clipsearch import commands_client
 from clipsearch.logs import configure_logging
 from clipsearch.options import add_options, from_namespace
 
@@ -19,6 +21,15 @@ def _serve_encoder(args: argparse.Namespace) -> int:
     from encoder_service.server import serve
 
     config = from_namespace(EncoderConfig, args)
+    configure_logging(config.log_json)
+    return asyncio.run(serve(config))
+
+
+def _serve_search(args: argparse.Namespace) -> int:
+    from search_service.config import SearchConfig
+    from search_service.server import serve
+
+    config = from_namespace(SearchConfig, args)
     configure_logging(config.log_json)
     return asyncio.run(serve(config))
 
@@ -42,6 +53,8 @@ def _model_tiny(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from encoder_service.config import ENV_PREFIX as ENCODER_ENV
     from encoder_service.config import EncoderConfig
+    from search_service.config import ENV_PREFIX as SEARCH_ENV
+    from search_service.config import SearchConfig
 
     parser = argparse.ArgumentParser(prog="clipsearch", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     encoder = serve.add_parser("encoder", help="the CLIP encoder gRPC service")
     add_options(encoder, EncoderConfig, ENCODER_ENV)
     encoder.set_defaults(handler=_serve_encoder)
+
+    search = serve.add_parser("search", help="the search service (Milvus + encoder client)")
+    add_options(search, SearchConfig, SEARCH_ENV)
+    search.set_defaults(handler=_serve_search)
+    commands_client.add_commands(commands)
 
     model = commands.add_parser("model", help="make test models (no real weights needed)")
     kinds = model.add_subparsers(dest="kind", required=True)
@@ -67,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
-    return handler(args)
+    try:
+        return handler(args)
+    except ClipsearchError as exc:
+        print(f"error: {exc.code.name}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

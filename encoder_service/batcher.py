@@ -1,20 +1,18 @@
 """Dynamic batching, as Triton does it: requests that arrive close together run as one
-model batch of at most `max_batch` items, and the first item waits at most `max_delay_s`
-for others. Only one batch runs at a time, on its own thread; the event loop stays free
-to decode the next requests meanwhile."""
+batch of at most `max_batch` items, and the first item waits at most `max_delay_s` for
+others. At most `concurrency` batches run at once (the encoder: one, on its model thread);
+the event loop stays free to prepare the next requests meanwhile."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-import numpy as np
-
 Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 class QueueFull(RuntimeError):
@@ -26,9 +24,9 @@ class BatcherStopped(RuntimeError):
 
 
 @dataclass
-class _Pending(Generic[Item]):
+class _Pending(Generic[Item, Result]):
     item: Item
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[Result]
     deadline: float | None  # loop time after which nobody waits for the result
 
 
@@ -47,25 +45,27 @@ class BatchStats:
             self.sizes.append(size)
 
 
-class DynamicBatcher(Generic[Item]):
-    """Gathers items from concurrent calls into batches for `run_batch`, which maps a
-    list of items to an (n, dim) array and runs on `executor`."""
+class DynamicBatcher(Generic[Item, Result]):
+    """Gathers items from concurrent calls into batches for `run_batch`, which maps a list
+    of items to one result per item, in order."""
 
-    def __init__(self, run_batch: Callable[[list[Item]], np.ndarray], *, max_batch: int,
-                 max_delay_s: float, max_queue: int, executor: Executor,
+    def __init__(self, run_batch: Callable[[list[Item]], Awaitable[Sequence[Result]]], *,
+                 max_batch: int, max_delay_s: float, max_queue: int, concurrency: int = 1,
                  on_batch: Callable[[int, float], None] | None = None) -> None:
         self._run_batch = run_batch
         self._max_batch = max_batch
         self._max_delay_s = max_delay_s
         self._max_queue = max_queue
-        self._executor = executor
+        self._slots = asyncio.Semaphore(concurrency)
         self._on_batch = on_batch
-        self._queue: asyncio.Queue[_Pending[Item]] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Pending[Item, Result]] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
         self.stats = BatchStats()
 
     @property
     def depth(self) -> int:
+        """Items waiting for a batch."""
         return self._queue.qsize()
 
     def start(self) -> None:
@@ -74,15 +74,15 @@ class DynamicBatcher(Generic[Item]):
     async def stop(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+            await asyncio.gather(self._worker, *self._running, return_exceptions=True)
             self._worker = None
         while not self._queue.empty():
             pending = self._queue.get_nowait()
             if not pending.future.done():
-                pending.future.set_exception(BatcherStopped("the encoder is shutting down"))
+                pending.future.set_exception(BatcherStopped("shutting down"))
 
-    async def submit(self, items: Sequence[Item], timeout_s: float | None = None) -> np.ndarray:
-        """Encodes `items` (possibly across several batches); their (n, dim) vectors in order.
+    async def submit(self, items: Sequence[Item], timeout_s: float | None = None) -> list[Result]:
+        """The results of `items` (possibly run across several batches), in order.
 
         Raises QueueFull at once when they do not fit the queue, and TimeoutError when
         `timeout_s` passes first (their work is then skipped, not wasted)."""
@@ -95,18 +95,17 @@ class DynamicBatcher(Generic[Item]):
         deadline = None if timeout_s is None else loop.time() + timeout_s
         futures = []
         for item in items:
-            future: asyncio.Future[np.ndarray] = loop.create_future()
+            future: asyncio.Future[Result] = loop.create_future()
             self._queue.put_nowait(_Pending(item, future, deadline))
             futures.append(future)
         try:
-            rows = await asyncio.wait_for(asyncio.gather(*futures), timeout_s)
+            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout_s))
         except BaseException:
             for future in futures:
                 future.cancel()
             raise
-        return np.stack(rows)
 
-    async def _next_batch(self) -> list[_Pending[Item]]:
+    async def _next_batch(self) -> list[_Pending[Item, Result]]:
         loop = asyncio.get_running_loop()
         batch = [await self._queue.get()]
         flush_at = loop.time() + self._max_delay_s
@@ -141,21 +140,29 @@ class DynamicBatcher(Generic[Item]):
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            await self._slots.acquire()
             batch = await self._next_batch()
             if not batch:
+                self._slots.release()
                 continue
-            started = time.perf_counter()
-            try:
-                vectors = await loop.run_in_executor(
-                    self._executor, self._run_batch, [p.item for p in batch])
-            except Exception as exc:  # a model failure fails this batch, not the server
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
-                continue
-            self.stats.record(len(batch))
-            if self._on_batch is not None:
-                self._on_batch(len(batch), time.perf_counter() - started)
-            for pending, vector in zip(batch, vectors, strict=True):
+            task = loop.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list[_Pending[Item, Result]]) -> None:
+        started = time.perf_counter()
+        try:
+            results = await self._run_batch([p.item for p in batch])
+        except Exception as exc:  # a failed batch fails its items, not the server
+            for pending in batch:
                 if not pending.future.done():
-                    pending.future.set_result(vector)
+                    pending.future.set_exception(exc)
+            return
+        finally:
+            self._slots.release()
+        self.stats.record(len(batch))
+        if self._on_batch is not None:
+            self._on_batch(len(batch), time.perf_counter() - started)
+        for pending, result in zip(batch, results, strict=True):
+            if not pending.future.done():
+                pending.future.set_result(result)

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -26,6 +26,9 @@ log = logging.getLogger("clipsearch.encoder")
 
 SERVICE = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"]
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+RunBatch = Callable[[list[torch.Tensor]], Awaitable[list[np.ndarray]]]
 
 
 class ItemProblem(ValueError):
@@ -53,8 +56,8 @@ class EncoderServicer:
         self._infer = ThreadPoolExecutor(1, thread_name_prefix="infer")
         self._decode = ThreadPoolExecutor(config.decode_threads or os.cpu_count() or 1,
                                           thread_name_prefix="decode")
-        self.text_batcher: DynamicBatcher[torch.Tensor] | None = None
-        self.image_batcher: DynamicBatcher[torch.Tensor] | None = None
+        self.text_batcher: DynamicBatcher[torch.Tensor, np.ndarray] | None = None
+        self.image_batcher: DynamicBatcher[torch.Tensor, np.ndarray] | None = None
 
     async def load(self) -> None:
         """Loads and warms the model, then starts the batchers."""
@@ -70,11 +73,19 @@ class EncoderServicer:
         log.info("model %s loaded in %.1f s: device=%s precision=%s dimension=%d fingerprint=%s",
                  model.name, self.load_seconds, model.device, model.precision, model.dimension,
                  model.fingerprint)
+        loop = asyncio.get_running_loop()
+
+        def on_model_thread(encode: Callable[[torch.Tensor], np.ndarray]) -> RunBatch:
+            # One model, one thread: batches of both towers queue for it in turn.
+            def rows(batch: list[torch.Tensor]) -> list[np.ndarray]:
+                return list(encode(torch.stack(batch)))
+            return lambda batch: loop.run_in_executor(self._infer, rows, batch)
+
         batcher = partial(DynamicBatcher, max_batch=self.config.max_batch,
                           max_queue=self.config.max_queue,
-                          max_delay_s=self.config.max_delay_ms / 1000, executor=self._infer)
-        self.text_batcher = batcher(lambda b: model.encode_tokens(torch.stack(b)))
-        self.image_batcher = batcher(lambda b: model.encode_images(torch.stack(b)))
+                          max_delay_s=self.config.max_delay_ms / 1000)
+        self.text_batcher = batcher(on_model_thread(model.encode_tokens))
+        self.image_batcher = batcher(on_model_thread(model.encode_images))
         self.text_batcher.start()
         self.image_batcher.start()
         self.model = model
@@ -125,11 +136,11 @@ class EncoderServicer:
         assert self.image_batcher is not None
         return await self._encode(self.image_batcher, "images", prepared, model, context)
 
-    async def _encode(self, batcher: DynamicBatcher[torch.Tensor], what: str,
+    async def _encode(self, batcher: DynamicBatcher[torch.Tensor, np.ndarray], what: str,
                       prepared: Sequence[tuple[torch.Tensor, bool] | str], model: LoadedModel,
                       context: grpc.aio.ServicerContext) -> encoder_pb2.EncodeResponse:
         good = [p for p in prepared if not isinstance(p, str)]
-        vectors = np.zeros((0, model.dimension), np.float32)
+        vectors: list[np.ndarray] = []
         if good:
             try:
                 vectors = await batcher.submit([t for t, _ in good], context.time_remaining())

@@ -264,7 +264,9 @@ class VectorStore:
         if not isinstance(meta, dict):
             raise StoreError(f"{where} has no clipsearch model record ({_META_PROPERTY})")
         stored = (meta.get("model"), meta.get("model_fingerprint"))
-        if stored != (self.model, self.model_fingerprint):
+        # The weights decide comparability, not the name: the same checkpoint may be
+        # loaded from another path.
+        if stored[1] != self.model_fingerprint:
             raise StoreError(
                 f"{where} was indexed with model {stored[0]!r} (fingerprint {stored[1]!r}) "
                 f"but this service runs model {self.model!r} "

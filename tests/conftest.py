@@ -94,3 +94,18 @@ def encoder_bf16(random_vit_b32: Path, logs_dir: Path) -> Iterator[RunningServic
 def encoder_tiny(tiny_clip: Path, logs_dir: Path) -> Iterator[RunningService]:
     yield from _encoder(tiny_clip, logs_dir, "encoder-tiny", "--precision", "fp32",
                         "--max-message-mb", "4", "--max-items-per-call", "64")
+
+
+def search_service(encoder: RunningService, milvus: Path, logs: Path, name: str,
+                   *extra: str) -> Iterator[RunningService]:
+    with running(["serve", "search", "--encoder", encoder.address, "--milvus", str(milvus),
+                  *extra], logs / f"{name}.log") as service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def search_fp32(encoder_fp32: RunningService, tmp_path_factory: pytest.TempPathFactory,
+                logs_dir: Path) -> Iterator[RunningService]:
+    """A search service over the fp32 random ViT-B/32 encoder and a fresh Milvus Lite."""
+    milvus = tmp_path_factory.mktemp("milvus") / "milvus.db"
+    yield from search_service(encoder_fp32, milvus, logs_dir, "search-fp32")

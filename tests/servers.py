@@ -13,25 +13,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from clipsearch.health import health_status
+
+__all__ = ["RunningService", "free_port", "health_status", "running", "start_service"]
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def health_status(address: str, service: str = "", timeout_s: float = 2.0) -> str:
-    """SERVING / NOT_SERVING, or DOWN when nothing answers."""
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
-        except grpc.RpcError:
-            return "DOWN"
-    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
 @dataclass

@@ -1,0 +1,47 @@
+"""Every setting of the search service, in one place (flags + CLIPSEARCH_SEARCH_* variables)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clipsearch.options import option
+from clipsearch.serving import ServerConfig
+
+ENV_PREFIX = "CLIPSEARCH_SEARCH_"
+DEFAULT_PORT = 50052
+
+
+@dataclass
+class SearchConfig(ServerConfig):
+    port: int = option("port to listen on", default=DEFAULT_PORT)
+    encoder: str = option("encoder address(es): host:port, a comma-separated list balanced "
+                          "round-robin, or dns:///name:port to balance over every address "
+                          "of a DNS name", default="127.0.0.1:50051")
+    encoder_token: str = option("bearer token sent to the encoder", default="")
+    encoder_tls_ca: str = option("PEM CA bundle to verify the encoder's certificate", default="")
+    encoder_tls_cert: str = option("PEM client certificate for mTLS to the encoder", default="")
+    encoder_tls_key: str = option("PEM private key for --encoder-tls-cert", default="")
+    encoder_timeout_s: float = option("deadline of one encoder call (the caller's remaining "
+                                      "deadline, when shorter, wins)", default=30.0)
+    encoder_retries: int = option("retries of an encoder call that got UNAVAILABLE, with "
+                                  "exponential backoff, across replicas", default=3)
+    encoder_wait_s: float = option("at startup, how long to wait for the encoder to serve",
+                                   default=600.0)
+    milvus: str = option("Milvus: a local path (Milvus Lite, e.g. ./data/milvus.db) or "
+                         "http://host:19530 (a Milvus server)", default="./data/milvus.db")
+    milvus_token: str = option("Milvus server token (user:password or API key)", default="")
+    collection: str = option("Milvus collection name", default="clipsearch_images")
+    index_type: str = option("vector index for a new collection: FLAT (exact, the default; "
+                             "Lite's HNSW/IVF miss rows under filters), HNSW, IVF_FLAT, ...",
+                             default="FLAT")
+    allow_raw_filters: bool = option("accept raw Milvus filter expressions from callers",
+                                     default=False)
+    max_top_k: int = option("largest top_k a search may ask for", default=1000)
+    index_batch: int = option("images per encoder call and Milvus write during Index",
+                              default=32)
+    max_uri_bytes: int = option("longest uri accepted at Index", default=2048)
+    max_metadata_bytes: int = option("largest metadata JSON accepted at Index", default=16384)
+    max_pixels: int = option("largest image accepted, in pixels", default=40_000_000)
+    query_batch_delay_ms: float = option("how long a search waits for concurrent searches to "
+                                         "share its encoder call and Milvus search",
+                                         default=2.0)

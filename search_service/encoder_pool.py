@@ -1,0 +1,140 @@
+"""Calling the encoder: deadlines on every call, retries with backoff on UNAVAILABLE,
+round-robin over replicas (a list of addresses, or every address of a DNS name)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from clipsearch.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+from clipsearch.serving import REQUEST_ID_KEY, message_options
+
+log = logging.getLogger("clipsearch.search.encoder")
+
+RETRIED = (grpc.StatusCode.UNAVAILABLE,)
+
+
+class EncoderUnavailable(ConnectionError):
+    """No encoder replica answered; the message names them."""
+
+
+class EncoderRejected(ValueError):
+    """The encoder refused the call itself (not an item): status and message kept."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class EncoderPool:
+    """One aio channel per configured address; calls rotate over them and fail over."""
+
+    def __init__(self, addresses: str, *, token: str = "", tls_ca: str = "", tls_cert: str = "",
+                 tls_key: str = "", timeout_s: float = 30.0, retries: int = 3,
+                 max_message_mb: float = 64.0) -> None:
+        self.addresses = [a.strip() for a in addresses.split(",") if a.strip()]
+        if not self.addresses:
+            raise ValueError("no encoder address given")
+        options = [*message_options(max_message_mb),
+                   # dns:/// names resolve to every replica; spread calls over all of them.
+                   ("grpc.lb_policy_name", "round_robin"),
+                   ("grpc.enable_retries", 0)]  # retries are ours, with the deadline in view
+        credentials = None
+        if tls_ca or tls_cert:
+            credentials = grpc.ssl_channel_credentials(
+                Path(tls_ca).read_bytes() if tls_ca else None,
+                Path(tls_key).read_bytes() if tls_key else None,
+                Path(tls_cert).read_bytes() if tls_cert else None)
+        self._channels = [grpc.aio.secure_channel(a, credentials, options) if credentials
+                          else grpc.aio.insecure_channel(a, options) for a in self.addresses]
+        self._stubs = [encoder_pb2_grpc.EncoderStub(c) for c in self._channels]
+        self._next = itertools.cycle(range(len(self._stubs)))
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout_s = timeout_s
+        self.retries = retries
+
+    @property
+    def name(self) -> str:
+        return ",".join(self.addresses)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close(None) for c in self._channels))
+
+    async def _call(self, method: str, request: object, deadline: float | None,
+                    request_id: str = "") -> object:
+        """Calls `method` on the next replica, retrying UNAVAILABLE on the others with
+        jittered exponential backoff, never past `deadline` (time.monotonic())."""
+        metadata = (*self._metadata, *(((REQUEST_ID_KEY, request_id),) if request_id else ()))
+        last_error = ""
+        for attempt in range(self.retries + 1):
+            index = next(self._next)
+            timeout = self.timeout_s
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout <= 0:
+                    break
+            try:
+                stub_method = getattr(self._stubs[index], method)
+                return await stub_method(request, timeout=timeout, metadata=metadata)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise EncoderUnavailable(
+                        f"encoder {self.addresses[index]} did not answer within the deadline "
+                        f"({timeout:.1f} s)") from exc
+                if exc.code() not in RETRIED:
+                    raise EncoderRejected(exc.code(), f"encoder {self.addresses[index]}: "
+                                                      f"{exc.details()}") from exc
+                last_error = f"{self.addresses[index]}: {exc.details()}"
+                log.warning("encoder %s unavailable (attempt %d): %s", self.addresses[index],
+                            attempt + 1, exc.details())
+            if attempt < self.retries:
+                await asyncio.sleep(min(1.0, 0.05 * 2 ** attempt) * (0.5 + random.random()))
+        raise EncoderUnavailable(f"encoder unavailable ({self.name}): {last_error or 'deadline'}")
+
+    async def model_info(self, deadline: float | None = None) -> encoder_pb2.ModelInfo:
+        return await self._call("GetModelInfo", encoder_pb2.GetModelInfoRequest(),  # type: ignore[return-value]
+                                deadline)
+
+    async def encode_texts(self, texts: Sequence[str], deadline: float | None = None,
+                           request_id: str = "") -> tuple[np.ndarray, dict[int, str]]:
+        response = await self._call("EncodeText", encoder_pb2.EncodeTextRequest(texts=texts),
+                                    deadline, request_id)
+        return _vectors(response)  # type: ignore[arg-type]
+
+    async def encode_images(self, images: Sequence[bytes], deadline: float | None = None,
+                            request_id: str = "") -> tuple[np.ndarray, dict[int, str]]:
+        response = await self._call("EncodeImage", encoder_pb2.EncodeImageRequest(images=images),
+                                    deadline, request_id)
+        return _vectors(response)  # type: ignore[arg-type]
+
+    async def wait_ready(self, timeout_s: float) -> encoder_pb2.ModelInfo:
+        """GetModelInfo, retried until the encoder has loaded its model or time is up."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return await self.model_info(deadline=min(deadline, time.monotonic() + 10))
+            except EncoderUnavailable:
+                if time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(0.5)
+
+
+def _vectors(response: encoder_pb2.EncodeResponse) -> tuple[np.ndarray, dict[int, str]]:
+    """(n, dim) vectors (zeros for failed items) and the failures by index."""
+    failures = {i: r.error.message for i, r in enumerate(response.results) if r.HasField("error")}
+    rows = [np.asarray(r.vector.values, np.float32) for r in response.results
+            if not r.HasField("error")]
+    dim = len(rows[0]) if rows else 0
+    vectors = np.zeros((len(response.results), dim), np.float32)
+    good = [i for i in range(len(response.results)) if i not in failures]
+    if rows:
+        vectors[good] = np.stack(rows)
+    return vectors, failures
