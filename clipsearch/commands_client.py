@@ -153,7 +153,22 @@ def _up(args: argparse.Namespace) -> int:
             child.wait(60)
 
 
+def _health(args: argparse.Namespace) -> int:
+    from clipsearch.health import health_status
+
+    status = health_status(args.address, args.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    health = commands.add_parser("health", help="ask a service's grpc.health.v1 status "
+                                                "(exit 0 when SERVING): for healthchecks")
+    health.add_argument("--address", default=os.environ.get("CLIPSEARCH_ADDRESS",
+                                                            DEFAULT_ADDRESS))
+    health.add_argument("--service", default="", help="service name ('' = the server)")
+    health.set_defaults(handler=_health)
+
     up = commands.add_parser("up", help="start an encoder and a search service together")
     up.add_argument("--model", default=os.environ.get("CLIPSEARCH_ENCODER_MODEL", "ViT-B/32"),
                     help="CLIP model name or checkpoint (env CLIPSEARCH_ENCODER_MODEL)")
