@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypedDict
 
 import grpc
 
 from clipsearch.serving import message_options
+
+
+class TlsFiles(TypedDict, total=False):
+    """PEM files for a TLS connection: the CA to trust, and a client certificate for mTLS."""
+
+    tls_ca: str
+    tls_cert: str
+    tls_key: str
 
 
 def open_channel(address: str, *, token: str = "", tls_ca: str = "", tls_cert: str = "",

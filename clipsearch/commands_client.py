@@ -156,7 +156,8 @@ def _up(args: argparse.Namespace) -> int:
 def _health(args: argparse.Namespace) -> int:
     from clipsearch.health import health_status
 
-    status = health_status(args.address, args.service)
+    status = health_status(args.address, args.service, tls_ca=args.tls_ca,
+                           tls_cert=args.tls_cert, tls_key=args.tls_key)
     print(status)
     return 0 if status == "SERVING" else 1
 
@@ -167,6 +168,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     health.add_argument("--address", default=os.environ.get("CLIPSEARCH_ADDRESS",
                                                             DEFAULT_ADDRESS))
     health.add_argument("--service", default="", help="service name ('' = the server)")
+    for name in ("ca", "cert", "key"):
+        env = f"CLIPSEARCH_HEALTH_TLS_{name.upper()}"
+        health.add_argument(f"--tls-{name}", default=os.environ.get(env, ""),
+                            help=f"TLS {name} PEM for the probe (env {env})")
     health.set_defaults(handler=_health)
 
     up = commands.add_parser("up", help="start an encoder and a search service together")

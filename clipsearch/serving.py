@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from clipsearch import metrics
 from clipsearch.options import option
 
 log = logging.getLogger("clipsearch.serving")
@@ -46,6 +47,8 @@ class ServerConfig:
                          default="")
     grace_s: float = option("on SIGTERM, how long in-flight calls may finish", default=10.0)
     log_json: bool = option("log one JSON object per line", default=False)
+    metrics_port: int = option("serve Prometheus metrics on http://HOST:PORT/metrics "
+                               "(0: off)", default=0)
 
 
 class MalformedRequest:
@@ -203,7 +206,8 @@ def _deny_handler(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandle
 class AccessLogInterceptor(grpc.aio.ServerInterceptor):
     """One log line per finished request: method, status, milliseconds, request id."""
 
-    def __init__(self, on_done: Callable[[str, str, float], None] | None = None) -> None:
+    def __init__(self, on_done: Callable[[str, str, float], None] = metrics.observe_request
+                 ) -> None:
         self._on_done = on_done
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
@@ -243,8 +247,7 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
         status = (code.name if isinstance(code, grpc.StatusCode) else "OK") if code else "OK"
         log.info("rpc done", extra={"rpc": method, "status": status, "ms": round(ms, 2),
                                     "request_id": request_id(context)})
-        if self._on_done is not None:
-            self._on_done(method, status, ms)
+        self._on_done(method.rsplit("/", 1)[-1], status, ms / 1000)
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -293,6 +296,7 @@ class Service:
     async def start(self) -> None:
         await self.set_serving(False)
         await self.server.start()
+        metrics.serve_metrics(self.config.host, self.config.metrics_port)
 
     async def set_serving(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving

@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import torch
 
+from clipsearch import metrics
 from clipsearch.encoder.v1 import encoder_pb2
 from clipsearch.serving import Service, stop_event_on_signals
 from encoder_service.batcher import BatcherStopped, DynamicBatcher, QueueFull
@@ -81,11 +82,21 @@ class EncoderServicer:
                 return list(encode(torch.stack(batch)))
             return lambda batch: loop.run_in_executor(self._infer, rows, batch)
 
-        batcher = partial(DynamicBatcher, max_batch=self.config.max_batch,
-                          max_queue=self.config.max_queue,
-                          max_delay_s=self.config.max_delay_ms / 1000)
-        self.text_batcher = batcher(on_model_thread(model.encode_tokens))
-        self.image_batcher = batcher(on_model_thread(model.encode_images))
+        def batcher(tower: str, encode: Callable[[torch.Tensor], np.ndarray]
+                    ) -> DynamicBatcher[torch.Tensor, np.ndarray]:
+            def observe(size: int, seconds: float) -> None:
+                metrics.BATCH_SIZE.labels(tower).observe(size)
+                metrics.BATCH_SECONDS.labels(tower).observe(seconds)
+            made: DynamicBatcher[torch.Tensor, np.ndarray] = DynamicBatcher(
+                on_model_thread(encode), max_batch=self.config.max_batch,
+                max_queue=self.config.max_queue, max_delay_s=self.config.max_delay_ms / 1000,
+                on_batch=observe)
+            metrics.QUEUE_DEPTH.labels(tower).set_function(lambda: made.depth)
+            return made
+
+        self.text_batcher = batcher("text", model.encode_tokens)
+        self.image_batcher = batcher("image", model.encode_images)
+        metrics.MODEL_LOAD_SECONDS.set(self.load_seconds)
         self.text_batcher.start()
         self.image_batcher.start()
         self.model = model
@@ -157,6 +168,7 @@ class EncoderServicer:
         for index, item in enumerate(prepared):
             result = response.results.add()
             if isinstance(item, str):
+                metrics.ITEM_ERRORS.labels(what[:-1]).inc()
                 result.error.code = INVALID_ARGUMENT
                 result.error.message = f"{what}[{index}]: {item}"
             else:

@@ -46,7 +46,11 @@ class EncoderPool:
         options = [*message_options(max_message_mb),
                    # dns:/// names resolve to every replica; spread calls over all of them.
                    ("grpc.lb_policy_name", "round_robin"),
-                   ("grpc.enable_retries", 0)]  # retries are ours, with the deadline in view
+                   ("grpc.enable_retries", 0),  # retries are ours, with the deadline in view
+                   # A restarted replica is found again within a second or two.
+                   ("grpc.initial_reconnect_backoff_ms", 100),
+                   ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 2000)]
         credentials = None
         if tls_ca or tls_cert:
             credentials = grpc.ssl_channel_credentials(

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from clipsearch import metrics
 from clipsearch.search.v1 import search_pb2
 from clipsearch.serving import MalformedRequest, Service, request_id, stop_event_on_signals
 from encoder_service.batcher import DynamicBatcher, QueueFull
@@ -125,7 +126,7 @@ class SearchServicer:
         info = await self.encoder.wait_ready(self.config.encoder_wait_s)
         log.info("encoder %s serves %s (%d-d, %s, %s)", self.encoder.name, info.name,
                  info.dimension, info.device, info.precision)
-        self.store = await self._in_db(partial(
+        self.store = await self._in_db("open", partial(
             VectorStore, self.config.milvus, collection=self.config.collection,
             dimension=info.dimension, model=info.name, model_fingerprint=info.fingerprint,
             index_type=self.config.index_type, token=self.config.milvus_token))
@@ -135,13 +136,18 @@ class SearchServicer:
     async def close(self) -> None:
         await self.queries.stop()
         if self.store is not None:
-            await self._in_db(self.store.close)
+            await self._in_db("close", self.store.close)
         await self.encoder.close()
         self._db.shutdown(wait=True)
         self._decode.shutdown(wait=False, cancel_futures=True)
 
-    async def _in_db(self, call: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._db, call)
+    async def _in_db(self, operation: str, call: Callable[[], T]) -> T:
+        """Runs a blocking Milvus call on the Milvus threads, timing it for /metrics."""
+        started = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._db, call)
+        finally:
+            metrics.MILVUS_SECONDS.labels(operation).observe(time.perf_counter() - started)
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> VectorStore:
         if self.store is None:
@@ -204,6 +210,7 @@ class SearchServicer:
         """One encoder call for all the texts, one Milvus search per (top_k, filter)."""
         store = self.store
         assert store is not None
+        metrics.SEARCH_BATCH_SIZE.observe(len(queries))
         deadlines = [q.deadline for q in queries]
         deadline = None if None in deadlines else max(d for d in deadlines if d is not None)
         try:
@@ -220,8 +227,8 @@ class SearchServicer:
                 groups.setdefault((query.top_k, query.expression), []).append(i)
         for (top_k, expression), members in groups.items():
             try:
-                hits = await self._in_db(partial(store.search, vectors[members], top_k,
-                                                 expression))
+                hits = await self._in_db("search", partial(
+                    store.search, vectors[members], top_k, expression))
             except (StoreUnavailable, StoreError, FilterError, ValueError) as exc:
                 hits = [exc] * len(members)  # type: ignore[list-item]
             for i, found in zip(members, hits, strict=True):
@@ -239,7 +246,8 @@ class SearchServicer:
                 [request.image], self._deadline(context), request_id(context))
             if failures:
                 raise BadRequest(failures[0].replace("images[0]", "image", 1))
-            [hits] = await self._in_db(partial(store.search, vectors, top_k, expression))
+            [hits] = await self._in_db("search", partial(store.search, vectors, top_k,
+                                                         expression))
             return _response(hits)
         return await self._guarded(work(), context)
 
@@ -257,10 +265,11 @@ class SearchServicer:
             if len(request.ids) > MAX_DELETE_IDS:
                 raise BadRequest(f"{len(request.ids)} ids in one call; at most {MAX_DELETE_IDS}")
             if request.ids:
-                deleted = await self._in_db(partial(store.delete_ids, list(request.ids)))
+                deleted = await self._in_db("delete", partial(store.delete_ids,
+                                                              list(request.ids)))
             else:
                 expression = self._expression(request.filter)
-                deleted = await self._in_db(partial(store.delete_where, expression))
+                deleted = await self._in_db("delete", partial(store.delete_where, expression))
             log.info("deleted %d images", deleted)
             return search_pb2.DeleteResponse(deleted=deleted)
         return await self._guarded(work(), context)
@@ -268,7 +277,8 @@ class SearchServicer:
     async def Stats(self, request: search_pb2.StatsRequest,
                     context: grpc.aio.ServicerContext) -> search_pb2.StatsResponse:
         store = await self._ready(context)
-        count = await self._guarded(self._in_db(store.count), context)
+        count = await self._guarded(self._in_db("count", store.count), context)
+        metrics.COLLECTION_SIZE.set(count)
         return search_pb2.StatsResponse(
             count=count, dimension=store.dimension, model=self.model_name,
             backend=store.backend, collection=store.collection, index_type=store.index_type,
@@ -338,7 +348,8 @@ class SearchServicer:
                                if isinstance(c, search_pb2.IndexResult)})
         candidates = [c for c in checked if isinstance(c, CheckedItem)]
         try:
-            existing = await self._in_db(partial(store.existing_ids, [c.id for c in candidates]))
+            existing = await self._in_db("query", partial(store.existing_ids,
+                                                          [c.id for c in candidates]))
         except StoreUnavailable as exc:
             for item in candidates:
                 batch.fail(item, str(exc), UNAVAILABLE)
@@ -380,7 +391,7 @@ class SearchServicer:
                 rows.append((item, StoredImage(item.id, vector, item.uri, item.width,
                                                item.height, now, item.metadata_json)))
         try:
-            await self._in_db(partial(store.upsert, [row for _, row in rows]))
+            await self._in_db("upsert", partial(store.upsert, [row for _, row in rows]))
         except (StoreUnavailable, StoreError, ValueError) as exc:
             code = UNAVAILABLE if isinstance(exc, StoreUnavailable) else INVALID_ARGUMENT
             for item, _ in rows:
@@ -390,6 +401,8 @@ class SearchServicer:
                 batch.set(item, Status.ADDED)
         stored_ids.update(r.id for r in batch.results.values()
                           if r.status in (Status.ADDED, Status.EXISTING))
+        for result in batch.results.values():
+            metrics.INDEXED.labels(Status.Name(result.status)).inc()
         return [batch.results[s] for s in sorted(batch.results)]
 
 

@@ -12,7 +12,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Unpack
 
+from client.channel import TlsFiles
 from clipsearch.health import health_status
 
 __all__ = ["RunningService", "free_port", "health_status", "running", "start_service"]
@@ -34,12 +36,12 @@ class RunningService:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_serving(self, timeout_s: float = 180.0) -> None:
+    def wait_serving(self, timeout_s: float = 180.0, **tls: Unpack[TlsFiles]) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.log()}")
-            if health_status(self.address) == "SERVING":
+            if health_status(self.address, **tls) == "SERVING":
                 return
             time.sleep(0.2)
         raise TimeoutError(f"service at {self.address} not SERVING after {timeout_s} s:\n"
@@ -57,7 +59,8 @@ class RunningService:
 
 
 def start_service(args: list[str], log_path: Path, port: int | None = None,
-                  env: dict[str, str] | None = None, wait: bool = True) -> RunningService:
+                  env: dict[str, str] | None = None, wait: bool = True,
+                  tls: TlsFiles | None = None) -> RunningService:
     """Runs `clipsearch <args> --port PORT` as a child process, logging to `log_path`."""
     port = port or free_port()
     command = [sys.executable, "-m", "clipsearch.cli", *args, "--port", str(port)]
@@ -67,7 +70,7 @@ def start_service(args: list[str], log_path: Path, port: int | None = None,
     service = RunningService(process, f"127.0.0.1:{port}", port, log_path)
     if wait:
         try:
-            service.wait_serving()
+            service.wait_serving(**(tls or {}))
         except BaseException:
             service.stop(signal.SIGKILL)
             raise
