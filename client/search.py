@@ -104,6 +104,12 @@ class IndexItem:
 
 
 _CODE_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+# Statuses that break an Index stream off midway (the service or network went away);
+# the unanswered items become failures and a re-run completes the set. Others raise.
+BROKEN_STREAM = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                           grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
+                           grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL,
+                           grpc.StatusCode.UNKNOWN})
 
 
 class SearchClient:
@@ -187,7 +193,8 @@ class SearchClient:
                     on_result: Callable[[IndexSummary], None] | None = None,
                     summary: IndexSummary | None = None) -> IndexSummary:
         """Streams `items`; each is answered ADDED, EXISTING or FAILED. If the stream
-        breaks off, the unanswered items are failures and `summary.error` says why."""
+        breaks off (see BROKEN_STREAM), the unanswered items are failures and
+        `summary.error` says why; a stream refused as a whole raises its typed error."""
         summary = summary if summary is not None else IndexSummary()
         sent: list[str] = []
 
@@ -206,6 +213,8 @@ class SearchClient:
                     on_result(summary)
         except grpc.RpcError as exc:
             error = from_rpc_error(exc)
+            if error.code not in BROKEN_STREAM:
+                raise error from None  # refused as a whole: no token, bad call, ...
             summary.error = f"{error.code.name}: {error}"
             for uri in sent[answered:]:
                 summary.failures.append(IndexFailure(uri, f"not confirmed: {error}", error.code))

@@ -118,10 +118,15 @@ def _missing_weights(name: str, path: Path, reason: str) -> str:
 
 
 def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """16 hex digits of sha256 over the weights' values, in fp32 so that the same weights
+    stored in fp16 (released checkpoints) or fp32 (a re-saved copy) match."""
     digest = hashlib.sha256()
     for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu()
+        if tensor.is_floating_point():
+            tensor = tensor.float()
         digest.update(key.encode())
-        digest.update(state_dict[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

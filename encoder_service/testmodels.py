@@ -1,13 +1,17 @@
 """CLIP checkpoints for machines without the released weights.
 
 Two kinds, both saved as plain state dicts in the released layout (fp16 where
-``clip.model.convert_weights`` puts it) so ``clip.model.build_model`` and ``clip.load`` take them:
+``clip.model.convert_weights`` puts it), which ``clip.model.build_model`` rebuilds:
 
 * a randomly initialised ViT-B/32: the real architecture and sizes, meaningless embeddings;
   good for shape, memory and speed checks.
 * a tiny CLIP trained in a couple of minutes on generated pictures of coloured shapes
   ("a red circle"); its text-to-image retrieval really works on that domain, so search
   quality can be tested end to end.
+
+Load them with ``build_model(torch.load(path, map_location="cpu"))`` (then ``.float()`` on CPU):
+``clip.load(path)`` fails on any state-dict file in openai-clip 1.0.1, because its failed
+``torch.jit.load`` leaves the file position moved (openai/CLIP#396).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "models"
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 # Fully saturated and far apart in hue, so jitter and resizing never make two of them meet.
-_RGB: dict[str, tuple[int, int, int]] = {
+COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (215, 25, 30),
     "green": (30, 150, 45),
     "blue": (30, 70, 215),
@@ -42,7 +46,7 @@ _RGB: dict[str, tuple[int, int, int]] = {
     "purple": (130, 40, 170),
     "orange": (250, 130, 15),
 }
-COLOURS: tuple[str, ...] = tuple(_RGB)
+COLOURS: tuple[str, ...] = tuple(COLOUR_RGB)
 
 # ViT-B/32 as released: clip.model.build_model infers exactly these from its state dict.
 VIT_B32 = dict(
@@ -61,7 +65,7 @@ TINY_CLIP = dict(
 
 @contextmanager
 def _seeded(seed: int, threads: int | None = None) -> Iterator[None]:
-    """Seed torch and make it deterministic inside the block, leaving the caller's state as it was."""
+    """Seeded, deterministic torch inside the block; the caller's RNG and settings survive it."""
     deterministic, n_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -88,6 +92,7 @@ def _atomic_save(state_dict: dict[str, torch.Tensor], out: Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state_dict, f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is for anyone to read
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -135,7 +140,7 @@ def draw_shape(colour: str, shape: str, rng: random.Random, size: int = 96) -> I
         background = tuple(min(255, grey + rng.randint(-8, 8)) for _ in range(3))
     else:  # any pale colour
         background = tuple(rng.randint(195, 255) for _ in range(3))
-    fill = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in _RGB[colour])
+    fill = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLOUR_RGB[colour])
 
     r = rng.uniform(0.22, 0.42) * size
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
@@ -145,8 +150,8 @@ def draw_shape(colour: str, shape: str, rng: random.Random, size: int = 96) -> I
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     else:
         turn = rng.uniform(0, 2 * math.pi)
-        points = [(cx + d * math.cos(a + turn), cy + d * math.sin(a + turn)) for d, a in _outline(shape, r)]
-        draw.polygon(points, fill=fill)
+        points = [(d * math.cos(a + turn), d * math.sin(a + turn)) for d, a in _outline(shape, r)]
+        draw.polygon([(cx + x, cy + y) for x, y in points], fill=fill)
     return image
 
 
@@ -186,7 +191,7 @@ def retrieval_accuracy(model: CLIP, dataset: list[tuple[Image.Image, str]]) -> t
 def train_tiny_clip(
     out: Path,
     seed: int = 0,
-    steps: int = 600,
+    steps: int = 1200,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Train a tiny CLIP on generated coloured shapes with CLIP's contrastive loss; save to out."""
@@ -203,11 +208,16 @@ def train_tiny_clip(
         # Fresh pictures every step (drawing is cheap), so the model cannot memorise any.
         # Each group holds one image of every class, so the batch has no false negatives
         # and the plain CLIP loss applies within it.
-        return torch.stack([preprocess(draw_shape(c, s, rng)) for _ in range(groups) for c, s in pairs])
+        images = [draw_shape(colour, shape, rng) for _ in range(groups) for colour, shape in pairs]
+        return torch.stack([preprocess(image) for image in images])
 
     with _seeded(seed, threads=1):
         model = CLIP(**TINY_CLIP).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+        # The captions use a dozen of the 49408 token embeddings; updating the whole table
+        # every step would cost more than the rest of the model, and random rows are distinct.
+        model.token_embedding.weight.requires_grad_(False)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trained, lr=2e-3, weight_decay=0.05)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
         target = torch.arange(n_classes)
         for step in range(1, steps + 1):
@@ -226,14 +236,14 @@ def train_tiny_clip(
             with torch.no_grad():  # as in CLIP: cap the temperature at 100
                 model.logit_scale.clamp_(0, math.log(100))
             if step % 100 == 0 or step == steps:
-                say(f"step {step}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - started:.0f}s")
+                elapsed = time.perf_counter() - started
+                say(f"step {step}/{steps}  loss {loss.item():.4f}  {elapsed:.0f}s")
         state_dict = _state_dict(model.eval())
 
     _atomic_save(state_dict, Path(out))
     # Check what was saved, fp16 and all, the way the encoder service will load it.
-    recall, accuracy = retrieval_accuracy(
-        build_model(torch.load(out, map_location="cpu")).float(), shape_dataset(5, seed=20_000 + seed)
-    )
+    saved = build_model(torch.load(out, map_location="cpu")).float()
+    recall, accuracy = retrieval_accuracy(saved, shape_dataset(5, seed=20_000 + seed))
     say(f"saved {out}: held-out recall@1 {recall:.3f}, image-to-text accuracy {accuracy:.3f}, "
         f"{time.perf_counter() - started:.0f}s in all")  # fmt: skip
     return Path(out)

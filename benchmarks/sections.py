@@ -1,0 +1,259 @@
+"""The benchmark sections. Each returns a JSON-able dict of what it measured, baseline
+included, using the random-weight ViT-B/32 (the real model's cost) and the sample photos."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.loadgen import LoadConfig, Report, run
+from benchmarks.seed import SeedTutorial, percentiles_ms
+from client import SearchClient, image_files
+from clipsearch.encoder.v1 import encoder_pb2
+from clipsearch.processes import RunningService, running
+from encoder_service.images import image_tensor
+from encoder_service.model import LoadedModel, clip, load_model
+from encoder_service.testmodels import cached_random_vit_b32
+
+PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+QUERIES = ["a white dog", "a red sports car", "a bowl of soup", "a bird on a branch",
+           "a person riding a bike", "a snowy mountain", "a plate of food", "a cat asleep"]
+
+
+def precisions() -> list[str]:
+    return ["fp32", "fp16"] if torch.cuda.is_available() else ["fp32", "bf16"]
+
+
+def timed(work: Any, min_seconds: float, min_runs: int = 2) -> float:
+    """Seconds per call of work(), after one warm-up call."""
+    work()
+    runs, started = 0, time.perf_counter()
+    while runs < min_runs or time.perf_counter() - started < min_seconds:
+        work()
+        runs += 1
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / runs
+
+
+def matmul_peak(precision: str, device: torch.device, quick: bool) -> float:
+    """FLOP/s of the best of a few large matmuls in this precision (squares, and the shape
+    of ViT-B/32's MLP at batch 64): the machine's practical peak for this precision."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    sizes = [(n, n, n) for n in ((4096, 8192) if device.type == "cuda" else (1024, 2048, 4096))]
+    best = 0.0
+    for m, k, n in [*sizes, (64 * 50, 768, 3072)]:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+
+        def multiply(a: torch.Tensor = a, b: torch.Tensor = b) -> None:
+            torch.matmul(a, b)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        best = max(best, 2 * m * k * n / timed(multiply, 0.5 if quick else 2))
+    return best
+
+
+def model_flops(model: LoadedModel) -> tuple[float, float]:
+    """FLOPs of one image and of one short prompt through the towers."""
+    side = model.image_resolution
+    with FlopCounterMode(display=False) as image_counter:
+        model.encode_images(torch.zeros(1, 3, side, side))
+    with FlopCounterMode(display=False) as text_counter:
+        model.encode_tokens(clip.tokenize(["a photo of a white dog"]))
+    return float(image_counter.get_total_flops()), float(text_counter.get_total_flops())
+
+
+def encoder_alone(args: argparse.Namespace) -> dict[str, Any]:
+    """In-process model throughput by batch size and precision, against the matmul peak."""
+    checkpoint = cached_random_vit_b32()
+    photo = sorted(PHOTOS.iterdir())[0]
+    batches = [1, 8, 32, 64, 128, 256] if torch.cuda.is_available() else [1, 8, 32, 64]
+    rows: list[dict[str, Any]] = []
+    for precision in precisions():
+        model = load_model(str(checkpoint), precision=precision)
+        image_flops, text_flops = model_flops(model)
+        peak = matmul_peak(precision, model.device, args.quick)
+        pixels = image_tensor(photo.read_bytes(), model.preprocess, 10**8)
+        for batch in batches:
+            images = pixels.expand(batch, -1, -1, -1).contiguous()
+            tokens = clip.tokenize([QUERIES[i % len(QUERIES)] for i in range(batch)])
+            per_image = timed(lambda m=model, i=images: m.encode_images(i),
+                              1 if args.quick else 4)
+            per_text = timed(lambda m=model, t=tokens: m.encode_tokens(t), 1 if args.quick else 2)
+            rows.append({"precision": precision, "device": str(model.device), "batch": batch,
+                         "images_per_s": batch / per_image, "texts_per_s": batch / per_text,
+                         "image_gflops": image_flops / 1e9, "text_gflops": text_flops / 1e9,
+                         "peak_tflops": peak / 1e12,
+                         "image_share_of_peak": batch / per_image * image_flops / peak})
+    decode_s = timed(lambda: image_tensor(photo.read_bytes(), model.preprocess, 10**8), 1)
+    return {"rows": rows, "decode_preprocess_ms_per_image": decode_s * 1000,
+            "note": "texts are short prompts (~8 tokens), the tower cut at end-of-text"}
+
+
+def _report_dict(report: Report) -> dict[str, Any]:
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in report.to_dict().items()}
+
+
+def _load(address: str, call: str, request: Any, concurrency: int, total: int) -> dict[str, Any]:
+    config = LoadConfig(call=call, host=address, concurrency=concurrency, total=total)
+    config.request = lambda: request  # type: ignore[method-assign]
+    return _report_dict(asyncio.run(run(config)))
+
+
+def encoder_service(args: argparse.Namespace) -> dict[str, Any]:
+    """Throughput through the running encoder: one item per call, concurrency 1 and 32."""
+    checkpoint = cached_random_vit_b32()
+    image = encoder_pb2.EncodeImageRequest(images=[sorted(PHOTOS.iterdir())[0].read_bytes()])
+    text = encoder_pb2.EncodeTextRequest(texts=["a photo of a white dog"])
+    rows = []
+    scale = 1 if args.quick else 2
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision in precisions():
+            with running(["serve", "encoder", "--model", str(checkpoint), "--precision",
+                          precision], Path(tmp) / f"encoder-{precision}.log") as encoder:
+                for concurrency, images, texts in ((1, 16, 64), (32, 128, 512)):
+                    for kind, request, total in (("image", image, images * scale),
+                                                 ("text", text, texts * scale)):
+                        method = "EncodeImage" if kind == "image" else "EncodeText"
+                        result = _load(encoder.address, f"clipsearch.encoder.v1.Encoder.{method}",
+                                       request, concurrency, total)
+                        rows.append({"precision": precision, "concurrency": concurrency,
+                                     "kind": kind, **result})
+    return {"rows": rows}
+
+
+def _photo_folder(folder: Path, count: int) -> list[Path]:
+    """`count` distinct files: the sample photos, then copies with a unique trailer after
+    the JPEG end marker (same pixels, new bytes, so new ids)."""
+    photos = sorted(p for p in PHOTOS.iterdir() if p.is_file())
+    made = []
+    for i in range(count):
+        source = photos[i % len(photos)]
+        target = folder / f"{i:05d}_{source.name}"
+        target.write_bytes(source.read_bytes() + (f"copy{i}".encode() if i >= len(photos) else b""))
+        made.append(target)
+    return made
+
+
+def ingest(args: argparse.Namespace) -> dict[str, Any]:
+    """images/s: the seed's loop vs indexing through both services into Milvus Lite."""
+    checkpoint = cached_random_vit_b32()
+    out: dict[str, Any] = {"images": args.images, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        folder = tmp / "photos"
+        folder.mkdir()
+        paths = _photo_folder(folder, args.images)
+        seed = SeedTutorial(checkpoint, tmp / "seed.db")
+        out["seed_images_per_s"] = seed.ingest(paths)
+        seed.close()
+        for precision in precisions():
+            encoder_args = ["serve", "encoder", "--model", str(checkpoint), "--precision",
+                            precision]
+            with running(encoder_args, tmp / f"encoder-{precision}.log") as encoder, \
+                running(["serve", "search", "--encoder", encoder.address, "--milvus",
+                         str(tmp / f"{precision}.db")],
+                        tmp / f"search-{precision}.log") as search, \
+                    SearchClient(search.address) as client:
+                started = time.perf_counter()
+                summary = client.index_files(image_files(folder))
+                seconds = time.perf_counter() - started
+                assert summary.added == args.images, summary.failures[:3]
+                rate = args.images / seconds
+                out["runs"].append({"precision": precision, "images_per_s": rate,
+                                    "ratio_to_seed": rate / out["seed_images_per_s"]})
+    return out
+
+
+def _search_loads(search: RunningService, quick: bool) -> list[dict[str, Any]]:
+    request_totals = ((1, 60), (8, 240), (32, 640)) if not quick else ((1, 20), (8, 80), (32, 160))
+    rows = []
+    for concurrency, total in request_totals:
+        request = {"text": "a white dog", "top_k": 10}
+        config = LoadConfig(call="clipsearch.search.v1.Search.SearchText", host=search.address,
+                            data=request, concurrency=concurrency, total=total)
+        rows.append({"concurrency": concurrency, **_report_dict(asyncio.run(run(config)))})
+    return rows
+
+
+def text_search(args: argparse.Namespace) -> dict[str, Any]:
+    """Latency and throughput of SearchText through the whole chain, against the seed's
+    in-process encode_text + search at concurrency 1, over the same 200 photos."""
+    checkpoint = cached_random_vit_b32()
+    paths = sorted(p for p in PHOTOS.iterdir() if p.is_file())
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        seed = SeedTutorial(checkpoint, tmp / "seed.db")
+        seed.ingest(paths)
+        seed.search_latencies(QUERIES[:2])  # warm-up
+        latencies = seed.search_latencies(QUERIES * (3 if args.quick else 8))
+        seed.close()
+        baseline = {"qps": 1 / statistics.fmean(latencies), **percentiles_ms(latencies)}
+        with running(["serve", "encoder", "--model", str(checkpoint)],
+                     tmp / "encoder.log") as encoder, \
+            running(["serve", "search", "--encoder", encoder.address, "--milvus",
+                     str(tmp / "milvus.db")], tmp / "search.log") as search:
+            with SearchClient(search.address) as client:
+                client.index_files(paths)
+                client.search_text("warm up")
+            rows = _search_loads(search, args.quick)
+    for row in rows:
+        row["p50_ratio_to_seed"] = row["p50_ms"] / baseline["p50_ms"]
+        row["qps_ratio_to_seed"] = row["rps"] / baseline["qps"]
+    return {"seed": baseline, "rows": rows}
+
+
+def collection_size(args: argparse.Namespace) -> dict[str, Any]:
+    """Search latency and recall against exact search, by collection size, Milvus Lite,
+    filtered (a 10% uri prefix) and not; synthetic unit vectors."""
+    from search_service.filters import StructuredFilter, build_expression
+    from search_service.store import StoredImage, VectorStore
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        vectors = rng.standard_normal((size, 512), dtype=np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        ids = [f"{i:064x}" for i in range(size)]
+        uris = [f"/synthetic/{i % 10}/{i}.jpg" for i in range(size)]
+        with tempfile.TemporaryDirectory() as tmp:
+            store = VectorStore(str(Path(tmp) / "milvus.db"), dimension=512, model="synthetic",
+                                model_fingerprint="synthetic")
+            started = time.perf_counter()
+            for start in range(0, size, 10_000):
+                store.upsert([StoredImage(ids[i], vectors[i], uris[i], 1, 1, 0, "{}")
+                              for i in range(start, min(size, start + 10_000))])
+            insert_s = time.perf_counter() - started
+            queries = rng.standard_normal((10 if args.quick else 30, 512), dtype=np.float32)
+            queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+            expression = build_expression(StructuredFilter(uri_prefix="/synthetic/3/"), False)
+            in_filter = np.array([u.startswith("/synthetic/3/") for u in uris])
+            for name, expr, mask in (("unfiltered", "", None), ("uri prefix 10%", expression,
+                                                                in_filter)):
+                latencies, recalls = [], []
+                store.search(queries[:1], 10, expr)  # warm-up
+                for query in queries:
+                    t0 = time.perf_counter()
+                    [hits] = store.search(query[None], 10, expr)
+                    latencies.append(time.perf_counter() - t0)
+                    scores = vectors @ query
+                    if mask is not None:
+                        scores = np.where(mask, scores, -9)
+                    exact = {ids[i] for i in np.argsort(-scores)[:10]}
+                    recalls.append(len(exact & {h.id for h in hits}) / 10)
+                rows.append({"backend": store.backend, "index": store.index_type, "size": size,
+                             "filter": name, "insert_rows_per_s": size / insert_s,
+                             "recall_at_10": float(np.mean(recalls)),
+                             **percentiles_ms(latencies)})
+            store.close()
+    return {"rows": rows}

@@ -1,0 +1,50 @@
+# The clipsearch search service (no model: it calls the encoder and Milvus).
+#
+#   docker build -f docker/search.Dockerfile -t clipsearch-search:0.1.0 .
+#
+# The package depends on torch (shared code), so the small CPU build is installed: this
+# service never runs a model.
+
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY . .
+RUN pip wheel --no-deps --wheel-dir /wheels .
+
+FROM ${PYTHON_IMAGE}
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Kept equal to the pins in pyproject.toml (tests/test_deploy_config.py checks it).
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN pip install --index-url "${TORCH_INDEX_URL}" \
+        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+COPY --from=build /wheels /wheels
+RUN pip install /wheels/*.whl && rm -rf /wheels
+
+RUN useradd --create-home --uid 10001 --user-group clipsearch \
+    && mkdir -p /data \
+    && chown clipsearch:clipsearch /data
+USER clipsearch
+WORKDIR /home/clipsearch
+
+# Every flag is also a CLIPSEARCH_SEARCH_* variable (`clipsearch serve search --help`).
+# The Milvus default here is Milvus Lite in /data (mount a volume there to keep it);
+# compose points it at a Milvus server instead.
+ENV CLIPSEARCH_SEARCH_HOST=0.0.0.0 \
+    CLIPSEARCH_SEARCH_PORT=50052 \
+    CLIPSEARCH_SEARCH_MILVUS=/data/milvus.db \
+    CLIPSEARCH_SEARCH_METRICS_PORT=9101
+EXPOSE 50052 9101
+
+# SERVING once the encoder answered and the collection is open.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
+    CMD clipsearch health --address "127.0.0.1:${CLIPSEARCH_SEARCH_PORT}" || exit 1
+
+ENTRYPOINT ["clipsearch", "serve", "search"]
