@@ -50,6 +50,19 @@ def _model_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_shapes(args: argparse.Namespace) -> int:
+    from encoder_service.testmodels import shape_dataset
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = shape_dataset(n_per_class=args.per_caption, seed=args.seed)
+    for i, (image, text) in enumerate(dataset):
+        image.save(out / f"{text.replace(' ', '_')}_{i:04d}.png")
+    print(f"wrote {len(dataset)} pictures of coloured shapes to {out} (file names say what "
+          f"they show)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from encoder_service.config import ENV_PREFIX as ENCODER_ENV
     from encoder_service.config import EncoderConfig
@@ -79,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", required=True, help="checkpoint file to write")
         sub.add_argument("--seed", type=int, default=0)
         sub.set_defaults(handler=handler)
+    shapes = kinds.add_parser("shapes", help="a folder of generated pictures for the tiny model "
+                                             "(held out: not what it was trained on)")
+    shapes.add_argument("--out", required=True, help="folder to write PNGs into")
+    shapes.add_argument("--per-caption", type=int, default=5)
+    shapes.add_argument("--seed", type=int, default=4242, help="training used other seeds")
+    shapes.set_defaults(handler=_model_shapes)
     return parser
 
 

@@ -25,11 +25,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import clip
 import torch
 import torch.nn.functional as F
-from clip.model import CLIP, build_model, convert_weights
+from clip.model import convert_weights
 from PIL import Image, ImageDraw
+
+from encoder_service.model import CLIP, build_model, clip  # imports clip without its warning
 
 # Bump when the data or training recipe changes, so cached models are retrained.
 TINY_CLIP_VERSION = 1

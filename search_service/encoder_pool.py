@@ -73,7 +73,7 @@ class EncoderPool:
         await asyncio.gather(*(c.close(None) for c in self._channels))
 
     async def _call(self, method: str, request: object, deadline: float | None,
-                    request_id: str = "") -> object:
+                    request_id: str = "", quiet: bool = False) -> object:
         """Calls `method` on the next replica, retrying UNAVAILABLE on the others with
         jittered exponential backoff, never past `deadline` (time.monotonic())."""
         metadata = (*self._metadata, *(((REQUEST_ID_KEY, request_id),) if request_id else ()))
@@ -97,15 +97,17 @@ class EncoderPool:
                     raise EncoderRejected(exc.code(), f"encoder {self.addresses[index]}: "
                                                       f"{exc.details()}") from exc
                 last_error = f"{self.addresses[index]}: {exc.details()}"
-                log.warning("encoder %s unavailable (attempt %d): %s", self.addresses[index],
-                            attempt + 1, exc.details())
+                if not quiet:
+                    log.warning("encoder %s unavailable (attempt %d): %s",
+                                self.addresses[index], attempt + 1, exc.details())
             if attempt < self.retries:
                 await asyncio.sleep(min(1.0, 0.05 * 2 ** attempt) * (0.5 + random.random()))
         raise EncoderUnavailable(f"encoder unavailable ({self.name}): {last_error or 'deadline'}")
 
-    async def model_info(self, deadline: float | None = None) -> encoder_pb2.ModelInfo:
+    async def model_info(self, deadline: float | None = None,
+                         quiet: bool = False) -> encoder_pb2.ModelInfo:
         return await self._call("GetModelInfo", encoder_pb2.GetModelInfoRequest(),  # type: ignore[return-value]
-                                deadline)
+                                deadline, quiet=quiet)
 
     async def encode_texts(self, texts: Sequence[str], deadline: float | None = None,
                            request_id: str = "") -> tuple[np.ndarray, dict[int, str]]:
@@ -122,9 +124,11 @@ class EncoderPool:
     async def wait_ready(self, timeout_s: float) -> encoder_pb2.ModelInfo:
         """GetModelInfo, retried until the encoder has loaded its model or time is up."""
         deadline = time.monotonic() + timeout_s
+        log.info("waiting up to %.0f s for encoder %s to serve", timeout_s, self.name)
         while True:
             try:
-                return await self.model_info(deadline=min(deadline, time.monotonic() + 10))
+                return await self.model_info(deadline=min(deadline, time.monotonic() + 10),
+                                             quiet=True)
             except EncoderUnavailable:
                 if time.monotonic() >= deadline:
                     raise
