@@ -96,7 +96,7 @@ def explain_decode_error(descriptor: Any, data: bytes, path: str = "") -> str:
             index = counts.get(field.name, 0)
             counts[field.name] = index + 1
             name = f"{path}{field.name}"
-            if field.label == FieldDescriptor.LABEL_REPEATED:  # type: ignore[attr-defined]
+            if field.is_repeated:
                 name += f"[{index}]"
             if field.type == FieldDescriptor.TYPE_STRING:
                 try:
@@ -117,7 +117,10 @@ def _safe_deserializer(cls: type[Message]) -> Callable[[bytes], Message | Malfor
         try:
             return cls.FromString(data)
         except DecodeError:
-            return MalformedRequest(explain_decode_error(cls.DESCRIPTOR, data))
+            try:
+                return MalformedRequest(explain_decode_error(cls.DESCRIPTOR, data))
+            except Exception:  # explaining must never turn INVALID_ARGUMENT into UNKNOWN
+                return MalformedRequest("malformed protobuf")
     return deserialize
 
 

@@ -23,7 +23,7 @@ from clipsearch import metrics
 from clipsearch.search.v1 import search_pb2
 from clipsearch.serving import MalformedRequest, Service, request_id, stop_event_on_signals
 from encoder_service.batcher import DynamicBatcher, QueueFull
-from encoder_service.images import ImageError, open_image
+from encoder_service.images import ImageError, probe_image
 from search_service.config import SearchConfig
 from search_service.encoder_pool import EncoderPool, EncoderRejected, EncoderUnavailable
 from search_service.filters import (
@@ -331,7 +331,8 @@ class SearchServicer:
             return _failed(sequence, uri, "metadata_json must be a JSON object")
         item_id = hashlib.sha256(item.image).hexdigest() if item.image else ""
         try:
-            image = open_image(item.image, self.config.max_pixels)
+            # The header only: the encoder decodes fully and reports a bad body per item.
+            image = probe_image(item.image, self.config.max_pixels)
         except ImageError as exc:
             return _failed(sequence, uri, str(exc), item_id=item_id)
         return CheckedItem(sequence, item_id, item.image, uri, image.width, image.height,

@@ -22,6 +22,7 @@ shape this module:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -34,6 +35,8 @@ import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
 from search_service.filters import MAX_URI_BYTES, FilterError, quote
+
+log = logging.getLogger("clipsearch.search.store")
 
 __all__ = [
     "INDEX_TYPES",
@@ -51,6 +54,10 @@ _META_FORMAT = 1
 _BATCH = 1000  # rows or ids per request: keeps messages far below gRPC's 64 MiB
 _OUTPUT_FIELDS = ["uri", "width", "height", "indexed_at", "metadata"]
 _STRONG = "Strong"
+# Searches read their own writes with Session consistency: on a server, Strong waits for
+# a ~200 ms time tick per call (~400 ms per search on 2.3), Session takes ~5 ms and still
+# shows a client everything it has written. Lookups that decide writes stay Strong.
+_SESSION = "Session"
 _SERVER_SCHEMES = ("http://", "https://", "tcp://", "grpc://", "unix:")
 
 # Build params per vector index type; FLAT is the default because it is exact, also under
@@ -68,6 +75,8 @@ INDEX_TYPES: dict[str, dict[str, Any]] = {
 # Milvus status codes that mean "your expression is wrong": 6 (legacy IllegalArgument,
 # what Lite sends) and 1100 (ParameterInvalid, what the server sends for a bad plan).
 _BAD_ARGUMENT_CODES = frozenset({6, 1100})
+# Milvus 2.3 servers send a bad expression as the generic code 65535; its message says so.
+_BAD_EXPRESSION_HINTS = ("cannot parse expression",)
 _UNAVAILABLE_STATUS = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 )
@@ -228,9 +237,6 @@ class VectorStore:
             metric_type="COSINE",
             params=INDEX_TYPES[self.index_type],
         )
-        # uri: prefix filters are range scans; indexed_at: time filters and sorting.
-        index.add_index("uri", index_type="INVERTED")
-        index.add_index("indexed_at", index_type="INVERTED")
         with self._calls("create collection"):
             self._client.create_collection(
                 self.collection,
@@ -240,6 +246,17 @@ class VectorStore:
                 timeout=self._timeout,
             )
             self._client.create_index(self.collection, index, timeout=self._timeout, sync=False)
+        # uri: prefix filters are range scans; indexed_at: time filters and sorting. Only a
+        # speed-up, and INVERTED needs Milvus >= 2.4 (2.3 servers refuse it): best effort.
+        for field in ("uri", "indexed_at"):
+            scalar = MilvusClient.prepare_index_params()
+            scalar.add_index(field, index_type="INVERTED")
+            try:
+                with self._calls("create scalar index"):
+                    self._client.create_index(self.collection, scalar, timeout=self._timeout,
+                                              sync=False)
+            except StoreError as exc:
+                log.warning("no scalar index on %s (filters on it scan instead): %s", field, exc)
 
     def _check_collection(self) -> None:
         with self._calls("describe collection"):
@@ -313,7 +330,10 @@ class VectorStore:
             return StoreUnavailable(
                 f"Milvus at {self.uri} is unavailable during {what}: {message}{hint}"
             )
-        if expression and code in _BAD_ARGUMENT_CODES:
+        if expression and (
+            code in _BAD_ARGUMENT_CODES
+            or any(h in message.lower() for h in _BAD_EXPRESSION_HINTS)
+        ):
             return FilterError(f"invalid filter expression: {message}")
         return StoreError(f"Milvus {what} failed on {self.uri}: {message}")
 
@@ -402,7 +422,7 @@ class VectorStore:
                     "metric_type": "COSINE",
                     "params": _search_params(self.index_type, top_k),
                 },
-                consistency_level=_STRONG,
+                consistency_level=_SESSION,
                 timeout=self._timeout,
             )
         out: list[list[StoreHit]] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from PIL import Image
 
 from encoder_service.model import CLIP, build_model, clip
 from tests.servers import RunningService, running
+
+pytest_plugins = ["tests.milvus_server"]
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 
@@ -96,16 +99,23 @@ def encoder_tiny(tiny_clip: Path, logs_dir: Path) -> Iterator[RunningService]:
                         "--max-message-mb", "4", "--max-items-per-call", "64")
 
 
-def search_service(encoder: RunningService, milvus: Path, logs: Path, name: str,
+def search_service(encoder: RunningService, milvus: Path | str, logs: Path, name: str,
                    *extra: str) -> Iterator[RunningService]:
     with running(["serve", "search", "--encoder", encoder.address, "--milvus", str(milvus),
                   *extra], logs / f"{name}.log") as service:
         yield service
 
 
-@pytest.fixture(scope="module")
-def search_fp32(encoder_fp32: RunningService, tmp_path_factory: pytest.TempPathFactory,
+@pytest.fixture(scope="module", params=["lite", "server"])
+def search_fp32(request: pytest.FixtureRequest, encoder_fp32: RunningService,
+                tmp_path_factory: pytest.TempPathFactory,
                 logs_dir: Path) -> Iterator[RunningService]:
-    """A search service over the fp32 random ViT-B/32 encoder and a fresh Milvus Lite."""
-    milvus = tmp_path_factory.mktemp("milvus") / "milvus.db"
-    yield from search_service(encoder_fp32, milvus, logs_dir, "search-fp32")
+    """A search service over the fp32 random ViT-B/32 encoder and a fresh collection, in
+    Milvus Lite or in the session's Milvus server (tests/milvus_server.py)."""
+    if request.param == "lite":
+        milvus: Path | str = tmp_path_factory.mktemp("milvus") / "milvus.db"
+    else:
+        milvus = str(request.getfixturevalue("milvus_server"))
+    collection = f"e2e_{uuid.uuid4().hex[:12]}"  # a server is shared by the whole session
+    yield from search_service(encoder_fp32, milvus, logs_dir, f"search-{request.param}",
+                              "--collection", collection)

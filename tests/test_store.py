@@ -1,7 +1,8 @@
-"""search_service.store against a real Milvus: Milvus Lite in tmp_path (one .db per test).
+"""search_service.store against a real Milvus, each test on both backends (`store_uri`):
 
-The backend is the `store_uri` fixture's parameter, so a Milvus server param can be added
-later and every test here runs against it too (each test then gets its own collection).
+* "lite": Milvus Lite in tmp_path (one .db per test);
+* "server": the session's Milvus 2.3.5 standalone server (tests/milvus_server.py), each
+  test with its own collection, dropped afterwards. CLIPSEARCH_TEST_MILVUS_SERVER=0 skips.
 """
 
 from __future__ import annotations
@@ -40,11 +41,14 @@ FINGERPRINT = "sha256:abc"
 OpenStore = Callable[..., VectorStore]
 
 
-@pytest.fixture(params=["lite"])
+@pytest.fixture(params=["lite", "server"])
 def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Where the store lives; "lite" is an embedded Milvus Lite file private to the test."""
+    """Where the store lives: "lite" is an embedded Milvus Lite file private to the test,
+    "server" the session's Milvus server (tests/milvus_server.py), shared by all tests."""
     if request.param == "lite":
         return str(tmp_path / "milvus.db")
+    if request.param == "server":
+        return str(request.getfixturevalue("milvus_server"))
     raise AssertionError(f"unknown backend {request.param}")  # pragma: no cover
 
 
