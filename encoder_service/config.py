@@ -25,8 +25,9 @@ class EncoderConfig(ServerConfig):
     precision: str = option("auto | fp32 | bf16 | fp16 (auto: fp16 on CUDA, bf16 on a CPU "
                             "with native bf16, else fp32)", default="auto")
     max_batch: int = option("largest model batch the dynamic batcher forms", default=32)
-    max_delay_ms: float = option("longest a request waits for others to join its batch",
-                                 default=5.0)
+    max_delay_ms: float = option("longest a batch waits for more requests once the model is "
+                                 "free (0, as Triton's default: batches form from what queued "
+                                 "while the previous one ran)", default=0.0)
     max_queue: int = option("items waiting for the model beyond which calls get "
                             "RESOURCE_EXHAUSTED", default=2048)
     max_items_per_call: int = option("most texts or images in one call", default=256)

@@ -44,4 +44,4 @@ class SearchConfig(ServerConfig):
     max_pixels: int = option("largest image accepted, in pixels", default=40_000_000)
     query_batch_delay_ms: float = option("how long a search waits for concurrent searches to "
                                          "share its encoder call and Milvus search",
-                                         default=2.0)
+                                         default=0.0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from client import EncoderClient
-from encoder_service.model import clip, encode_text_trimmed
+from encoder_service.model import clip, encode_text_trimmed, load_model
 from tests.conftest import Reference
 from tests.servers import RunningService
 
@@ -107,3 +107,15 @@ def test_batch_size_never_changes_a_vector(encoder_fp32: RunningService,
                                                          texts)))
     np.testing.assert_allclose(single_images, batched_images, atol=2e-5)
     np.testing.assert_allclose(single_texts, batched_texts, atol=2e-5)
+
+
+def test_bf16_weights_are_exactly_bf16_autocast(tiny_clip: Path) -> None:
+    """Keeping matmul weights in bf16 changes speed, not results: bit-identical vectors."""
+    autocast = load_model(str(tiny_clip), device="cpu", precision="fp32")
+    autocast.precision = "bf16"  # fp32 weights, bf16 autocast: what torch would do alone
+    stored = load_model(str(tiny_clip), device="cpu", precision="bf16")
+    assert stored.model.transformer.resblocks[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    tokens = clip.tokenize(["a red circle", "a green star on a white background"])
+    pixels = torch.randn(3, 3, stored.image_resolution, stored.image_resolution)
+    np.testing.assert_array_equal(stored.encode_tokens(tokens), autocast.encode_tokens(tokens))
+    np.testing.assert_array_equal(stored.encode_images(pixels), autocast.encode_images(pixels))
