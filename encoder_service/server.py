@@ -20,7 +20,7 @@ from clipsearch.encoder.v1 import encoder_pb2
 from clipsearch.serving import Service, stop_event_on_signals
 from encoder_service.batcher import BatcherStopped, DynamicBatcher, QueueFull
 from encoder_service.config import EncoderConfig
-from encoder_service.images import ImageError, image_tensor
+from encoder_service.images import ImageError, PreprocessStages, open_image
 from encoder_service.model import LoadedModel, ModelLoadError, clip, load_model
 
 log = logging.getLogger("clipsearch.encoder")
@@ -29,7 +29,9 @@ SERVICE = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"]
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
-RunBatch = Callable[[list[torch.Tensor]], Awaitable[list[np.ndarray]]]
+# What the batchers carry: token tensors (text) or uint8 pixel arrays (images).
+Prepared = torch.Tensor | np.ndarray
+RunBatch = Callable[[list[Prepared]], Awaitable[list[np.ndarray]]]
 
 
 class ItemProblem(ValueError):
@@ -57,8 +59,9 @@ class EncoderServicer:
         self._infer = ThreadPoolExecutor(1, thread_name_prefix="infer")
         self._decode = ThreadPoolExecutor(config.decode_threads or os.cpu_count() or 1,
                                           thread_name_prefix="decode")
-        self.text_batcher: DynamicBatcher[torch.Tensor, np.ndarray] | None = None
-        self.image_batcher: DynamicBatcher[torch.Tensor, np.ndarray] | None = None
+        self.text_batcher: DynamicBatcher[Prepared, np.ndarray] | None = None
+        self.image_batcher: DynamicBatcher[Prepared, np.ndarray] | None = None
+        self.stages: PreprocessStages | None = None
 
     async def load(self) -> None:
         """Loads and warms the model, then starts the batchers."""
@@ -76,26 +79,30 @@ class EncoderServicer:
                  model.fingerprint)
         loop = asyncio.get_running_loop()
 
-        def on_model_thread(encode: Callable[[torch.Tensor], np.ndarray]) -> RunBatch:
+        def on_model_thread(encode: Callable[[list[Prepared]], np.ndarray]) -> RunBatch:
             # One model, one thread: batches of both towers queue for it in turn.
-            def rows(batch: list[torch.Tensor]) -> list[np.ndarray]:
-                return list(encode(torch.stack(batch)))
+            def rows(batch: list[Prepared]) -> list[np.ndarray]:
+                return list(encode(batch))
             return lambda batch: loop.run_in_executor(self._infer, rows, batch)
 
-        def batcher(tower: str, encode: Callable[[torch.Tensor], np.ndarray]
-                    ) -> DynamicBatcher[torch.Tensor, np.ndarray]:
+        def batcher(tower: str, encode: Callable[[list[Prepared]], np.ndarray]
+                    ) -> DynamicBatcher[Prepared, np.ndarray]:
             def observe(size: int, seconds: float) -> None:
                 metrics.BATCH_SIZE.labels(tower).observe(size)
                 metrics.BATCH_SECONDS.labels(tower).observe(seconds)
-            made: DynamicBatcher[torch.Tensor, np.ndarray] = DynamicBatcher(
+            made: DynamicBatcher[Prepared, np.ndarray] = DynamicBatcher(
                 on_model_thread(encode), max_batch=self.config.max_batch,
                 max_queue=self.config.max_queue, max_delay_s=self.config.max_delay_ms / 1000,
                 on_batch=observe)
             metrics.QUEUE_DEPTH.labels(tower).set_function(lambda: made.depth)
             return made
 
-        self.text_batcher = batcher("text", model.encode_tokens)
-        self.image_batcher = batcher("image", model.encode_images)
+        stages = PreprocessStages.split(model.preprocess)
+        self.stages = stages
+        self.text_batcher = batcher(
+            "text", lambda tokens: model.encode_tokens(torch.stack(tokens)))  # type: ignore[arg-type]
+        self.image_batcher = batcher(
+            "image", lambda pixels: model.encode_images(stages.batch(pixels)))  # type: ignore[arg-type]
         metrics.MODEL_LOAD_SECONDS.set(self.load_seconds)
         self.text_batcher.start()
         self.image_batcher.start()
@@ -139,16 +146,16 @@ class EncoderServicer:
         model = await self._ready(context)
         await self._check_count(len(request.images), "images", context)
         loop = asyncio.get_running_loop()
-        decode = partial(_prepare_image, preprocess=model.preprocess,
-                         max_pixels=self.config.max_pixels)
+        assert self.stages is not None
+        decode = partial(_prepare_image, stages=self.stages, max_pixels=self.config.max_pixels)
         # Each image decodes on the pool, in parallel with the model running other batches.
         prepared = await asyncio.gather(*(loop.run_in_executor(self._decode, decode, data)
                                           for data in request.images))
         assert self.image_batcher is not None
         return await self._encode(self.image_batcher, "images", prepared, model, context)
 
-    async def _encode(self, batcher: DynamicBatcher[torch.Tensor, np.ndarray], what: str,
-                      prepared: Sequence[tuple[torch.Tensor, bool] | str], model: LoadedModel,
+    async def _encode(self, batcher: DynamicBatcher[Prepared, np.ndarray], what: str,
+                      prepared: Sequence[tuple[Prepared, bool] | str], model: LoadedModel,
                       context: grpc.aio.ServicerContext) -> encoder_pb2.EncodeResponse:
         good = [p for p in prepared if not isinstance(p, str)]
         vectors: list[np.ndarray] = []
@@ -199,10 +206,11 @@ def _tokenize_all(texts: list[str], context_length: int,
     return out
 
 
-def _prepare_image(data: bytes, *, preprocess: object,
-                   max_pixels: int) -> tuple[torch.Tensor, bool] | str:
+def _prepare_image(data: bytes, *, stages: PreprocessStages,
+                   max_pixels: int) -> tuple[Prepared, bool] | str:
+    """Decode + the PIL stage of preprocessing (runs on the decode pool, no torch)."""
     try:
-        return image_tensor(data, preprocess, max_pixels), False  # type: ignore[arg-type]
+        return stages.pixels(open_image(data, max_pixels)), False
     except ImageError as exc:
         return str(exc)
 

@@ -25,10 +25,11 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -37,6 +38,7 @@ from pymilvus import DataType, MilvusClient, MilvusException
 from search_service.filters import MAX_URI_BYTES, FilterError, quote
 
 log = logging.getLogger("clipsearch.search.store")
+T = TypeVar("T")
 
 __all__ = [
     "INDEX_TYPES",
@@ -339,6 +341,22 @@ class VectorStore:
 
     # ---- data ------------------------------------------------------------------------------
 
+    def _loaded(self, what: str, call: Callable[[], T], expression: str = "") -> T:
+        """Runs a read; when the server says the collection is not loaded (a restarted
+        Milvus comes back with it released), loads it and tries once more."""
+        try:
+            with self._calls(what, expression):
+                return call()
+        except StoreError as exc:
+            if "not loaded" not in str(exc):
+                raise
+        log.warning("collection %s at %s was released (Milvus restarted?); loading it",
+                    self.collection, self.uri)
+        with self._calls("load collection"):
+            self._client.load_collection(self.collection, timeout=self._timeout)
+        with self._calls(what, expression):
+            return call()
+
     def _flush(self, what: str) -> None:
         if self._flush_writes:
             with self._calls(what):
@@ -373,14 +391,10 @@ class VectorStore:
         found: set[str] = set()
         for start in range(0, len(wanted), _BATCH):
             chunk = wanted[start : start + _BATCH]
-            with self._calls("query"):
-                rows = self._client.query(
-                    self.collection,
-                    filter=f"id in [{', '.join(quote(i) for i in chunk)}]",
-                    output_fields=["id"],
-                    consistency_level=_STRONG,
-                    timeout=self._timeout,
-                )
+            expression = f"id in [{', '.join(quote(i) for i in chunk)}]"
+            rows = self._loaded("query", partial(
+                self._client.query, self.collection, filter=expression, output_fields=["id"],
+                consistency_level=_STRONG, timeout=self._timeout))
             found.update(str(r["id"]) for r in rows)
         return found
 
@@ -410,8 +424,7 @@ class VectorStore:
             raise ValueError(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
         if len(queries) == 0:
             return []
-        with self._calls("search", expression):
-            results = self._client.search(
+        results = self._loaded("search", lambda: self._client.search(
                 self.collection,
                 data=list(queries),
                 anns_field="vector",
@@ -424,7 +437,7 @@ class VectorStore:
                 },
                 consistency_level=_SESSION,
                 timeout=self._timeout,
-            )
+            ), expression)
         out: list[list[StoreHit]] = []
         for hits in results:
             converted = [self._hit(h) for h in hits]
@@ -468,14 +481,13 @@ class VectorStore:
         return matched
 
     def _count(self, expression: str) -> int:
-        with self._calls("count", expression):
-            rows = self._client.query(
-                self.collection,
-                filter=expression,
-                output_fields=["count(*)"],
-                consistency_level=_STRONG,
-                timeout=self._timeout,
-            )
+        rows = self._loaded("count", lambda: self._client.query(
+            self.collection,
+            filter=expression,
+            output_fields=["count(*)"],
+            consistency_level=_STRONG,
+            timeout=self._timeout,
+        ), expression)
         return int(rows[0]["count(*)"]) if rows else 0
 
     def count(self) -> int:

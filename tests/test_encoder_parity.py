@@ -119,3 +119,18 @@ def test_bf16_weights_are_exactly_bf16_autocast(tiny_clip: Path) -> None:
     pixels = torch.randn(3, 3, stored.image_resolution, stored.image_resolution)
     np.testing.assert_array_equal(stored.encode_tokens(tokens), autocast.encode_tokens(tokens))
     np.testing.assert_array_equal(stored.encode_images(pixels), autocast.encode_images(pixels))
+
+
+def test_split_preprocessing_is_bit_identical(reference_model: Reference,
+                                              photos: list[Path]) -> None:
+    """The service's two-stage preprocessing (PIL on the decode threads, tensor math
+    batched on the model thread) gives exactly clip's preprocess output."""
+    from PIL import Image
+
+    from encoder_service.images import PreprocessStages
+
+    stages = PreprocessStages.split(reference_model.preprocess)
+    images = [Image.open(p) for p in photos[:12]]  # greyscale ones included
+    batched = stages.batch([stages.pixels(image) for image in images])
+    expected = torch.stack([reference_model.preprocess(image) for image in images])
+    assert torch.equal(batched, expected)

@@ -3,6 +3,7 @@ restart an encoder under a running search service, lose one of two replicas."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from client import IndexSummary, SearchClient, Unavailable
-from tests.servers import RunningService, free_port, running, start_service
+from tests.servers import RunningService, free_port, health_status, running, start_service
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 
@@ -146,3 +147,64 @@ def test_losing_one_of_two_replicas_loses_no_search(tiny_clip: Path, tmp_path: P
             results = [client.search_text(f"a blue star {i}") for i in range(20)]
         assert len(results) == 20
         assert second.process.poll() is None
+
+
+def test_milvus_server_down_then_back(encoder_fp32: RunningService, tmp_path: Path) -> None:
+    """Milvus down: UNAVAILABLE naming Milvus, promptly; back: the service recovers alone."""
+    from tests.milvus_server import start_milvus_server
+
+    milvus = start_milvus_server(tmp_path / "milvus-server")
+    try:
+        with running(["serve", "search", "--encoder", encoder_fp32.address, "--milvus",
+                      milvus.uri], tmp_path / "search.log") as search, \
+                SearchClient(search.address, timeout_s=30) as client:
+            assert client.stats().count == 0
+            milvus.stop()
+            started = time.monotonic()
+            with pytest.raises(Unavailable, match=re.escape(f"Milvus at {milvus.uri}")):
+                client.stats()
+            with pytest.raises(Unavailable, match="Milvus"):
+                client.search_text("a dog")
+            assert time.monotonic() - started < 30
+            milvus.restart()
+            wait_for(lambda: stats_ok(client), 120, "the service did not recover")
+            assert search.process.poll() is None
+    finally:
+        milvus.stop()
+
+
+def stats_ok(client: SearchClient) -> bool:
+    try:
+        client.stats()
+    except Unavailable:
+        return False
+    return True
+
+
+def test_sigterm_finishes_in_flight_index(encoder_fp32: RunningService, photos: list[Path],
+                                          tmp_path: Path) -> None:
+    """SIGTERM mid-stream: health goes NOT_SERVING, the stream in flight is answered in
+    full within the grace period, what it acknowledged is stored, and the exit code is 0."""
+    args = ["serve", "search", "--encoder", encoder_fp32.address, "--milvus",
+            str(tmp_path / "milvus.db"), "--grace-s", "60"]
+    search = start_service(args, tmp_path / "search.log")
+    progress: list[int] = []
+    result: list[IndexSummary] = []
+
+    def index() -> None:
+        with SearchClient(search.address) as client:
+            result.append(client.index_files(photos[:64],
+                                             on_result=lambda s: progress.append(s.total)))
+
+    thread = threading.Thread(target=index)
+    thread.start()
+    wait_for(lambda: bool(progress), 60, "indexing did not start")
+    search.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: health_status(search.address) in ("NOT_SERVING", "DOWN"), 10,
+             "health did not leave SERVING")
+    thread.join(120)
+    assert search.process.wait(120) == 0
+    summary = result[0]
+    assert (summary.added, summary.failed, summary.error) == (64, 0, "")
+    with running(args, tmp_path / "search.log") as again, SearchClient(again.address) as client:
+        assert client.stats().count == 64

@@ -119,14 +119,16 @@ def test_bad_index_items_fail_alone(search_fp32: RunningService, photos: list[Pa
     Image.new("RGB", (64, 48), "purple").save(fresh)
     items = [IndexItem(b"", "empty.jpg"), IndexItem(b"junk", "junk.jpg"),
              IndexItem(fresh.read_bytes(), ""), IndexItem(fresh.read_bytes(), "x" * 5000),
+             IndexItem(fresh.read_bytes(), "big.png", {"k": "x" * 20_000}),
              IndexItem(fresh.read_bytes(), str(fresh), {"k": "v"}),
              IndexItem(fresh.read_bytes(), str(fresh), {"k": "v"})]
     with SearchClient(search_fp32.address) as client:
         before = client.stats().count
         summary = client.index_items(items)
-        assert (summary.added, summary.existing, summary.failed) == (1, 1, 4)
+        assert (summary.added, summary.existing, summary.failed) == (1, 1, 5)
         reasons = " | ".join(f.reason for f in summary.failures)
-        for expected in ("empty: zero bytes", "not an image", "uri is required", "5000 bytes"):
+        for expected in ("empty: zero bytes", "not an image", "uri is required", "5000 bytes",
+                         "over the limit of 16384"):
             assert expected in reasons
         assert client.stats().count == before + 1
         assert client.delete(ids=[summary.ids[str(fresh)]]) == 1

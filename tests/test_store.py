@@ -201,11 +201,11 @@ def test_approximate_indexes_work(open_store: OpenStore, index_type: str) -> Non
     assert open_store(index_type="FLAT").index_type == index_type  # the collection's wins
 
 
-def test_lite_file_is_locked_while_open_and_free_after_close(
-    store: VectorStore, store_uri: str
-) -> None:
-    if store.backend != "milvus-lite":
-        pytest.skip("file locking is a Milvus Lite matter")
+def test_lite_file_is_locked_while_open_and_free_after_close(tmp_path: Path) -> None:
+    # A Milvus Lite matter only: not parametrised over backends.
+    store_uri = str(tmp_path / "milvus.db")
+    store = VectorStore(store_uri, collection="locked", dimension=DIM, model=MODEL,
+                        model_fingerprint=FINGERPRINT)
     store.upsert([image(1, unit_vectors(1)[0])])
     probe = (
         "import sys\n"
