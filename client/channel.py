@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypedDict
+from typing import Self, TypedDict
 
 import grpc
 
@@ -16,6 +16,13 @@ class TlsFiles(TypedDict, total=False):
     tls_ca: str
     tls_cert: str
     tls_key: str
+
+
+class ClientOptions(TlsFiles, total=False):
+    """Keyword options of EncoderClient and SearchClient."""
+
+    token: str  # sent as `authorization: Bearer <token>`
+    timeout_s: float  # deadline of each call (default 60)
 
 
 def open_channel(address: str, *, token: str = "", tls_ca: str = "", tls_cert: str = "",
@@ -53,3 +60,24 @@ class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClien
 
     def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
         return continuation(self._with_token(client_call_details), request_iterator)
+
+
+class StubClient:
+    """What both clients share: one channel (limits, TLS, token), a default deadline,
+    and closing as a context manager."""
+
+    def __init__(self, address: str, *, token: str = "", timeout_s: float = 60.0,
+                 tls_ca: str = "", tls_cert: str = "", tls_key: str = "") -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = open_channel(address, token=token, tls_ca=tls_ca, tls_cert=tls_cert,
+                                     tls_key=tls_key)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

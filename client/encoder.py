@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Unpack
 
 import grpc
 import numpy as np
 
-from client.channel import open_channel
+from client.channel import ClientOptions, StubClient
 from client.errors import ItemsFailed, from_rpc_error
 from clipsearch.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 
@@ -48,7 +49,7 @@ def parse_response(response: encoder_pb2.EncodeResponse, dimension: int) -> Enco
     return EncodeResults(vectors, failures, [r.truncated for r in response.results])
 
 
-class EncoderClient:
+class EncoderClient(StubClient):
     """A blocking client of the encoder service.
 
     >>> client = EncoderClient("localhost:50051")
@@ -56,23 +57,10 @@ class EncoderClient:
     (1, 512)
     """
 
-    def __init__(self, address: str, *, token: str = "", timeout_s: float = 60.0,
-                 tls_ca: str = "", tls_cert: str = "", tls_key: str = "") -> None:
-        self.address = address
-        self.timeout_s = timeout_s
-        self._channel = open_channel(address, token=token, tls_ca=tls_ca, tls_cert=tls_cert,
-                                     tls_key=tls_key)
+    def __init__(self, address: str, **options: Unpack[ClientOptions]) -> None:
+        super().__init__(address, **options)
         self._stub = encoder_pb2_grpc.EncoderStub(self._channel)
         self._info: ModelInfo | None = None
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> EncoderClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def model_info(self) -> ModelInfo:
         if self._info is None:

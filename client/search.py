@@ -6,11 +6,11 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import grpc
 
-from client.channel import open_channel
+from client.channel import ClientOptions, StubClient
 from client.errors import ClipsearchError, from_rpc_error
 from clipsearch.search.v1 import search_pb2, search_pb2_grpc
 
@@ -112,7 +112,7 @@ BROKEN_STREAM = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE
                            grpc.StatusCode.UNKNOWN})
 
 
-class SearchClient:
+class SearchClient(StubClient):
     """A blocking client of the search service.
 
     >>> client = SearchClient("localhost:50052")
@@ -120,22 +120,9 @@ class SearchClient:
     >>> [hit.uri for hit in client.search_text("a white dog", top_k=5)]
     """
 
-    def __init__(self, address: str, *, token: str = "", timeout_s: float = 60.0,
-                 tls_ca: str = "", tls_cert: str = "", tls_key: str = "") -> None:
-        self.address = address
-        self.timeout_s = timeout_s
-        self._channel = open_channel(address, token=token, tls_ca=tls_ca, tls_cert=tls_cert,
-                                     tls_key=tls_key)
+    def __init__(self, address: str, **options: Unpack[ClientOptions]) -> None:
+        super().__init__(address, **options)
         self._stub = search_pb2_grpc.SearchStub(self._channel)
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> SearchClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _unary(self, method: Callable[..., Any], request: Any) -> Any:
         try:

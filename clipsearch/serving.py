@@ -314,6 +314,39 @@ class Service:
         await self.server.stop(self.config.grace_s)
 
 
+async def serve_until_stopped(service: Service, prepare: Awaitable[None],
+                              close: Callable[[], Awaitable[None]], what: str,
+                              expected_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """The life of a service process: listen at once with health NOT_SERVING, run
+    `prepare` (load the model, open the collection), serve as SERVING until SIGTERM or
+    SIGINT, then stop gracefully. Returns the exit code: 0, or 2 when `prepare` failed
+    (an expected error is logged as its message alone, anything else with its trace)."""
+    await service.start()
+    log.info("%s listening on %s:%d; NOT_SERVING until ready", what, service.config.host,
+             service.port)
+    stop = stop_event_on_signals()
+    preparing = asyncio.ensure_future(prepare)
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({preparing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if preparing.done() and preparing.exception() is not None:
+        error = preparing.exception()
+        trace = None if isinstance(error, expected_errors) else error
+        log.error("cannot start: %s", error, exc_info=trace)
+        await service.server.stop(0)
+        await close()
+        return 2
+    if not stop.is_set():
+        await service.set_serving(True)
+        log.info("%s SERVING on port %d", what, service.port)
+        await stopping
+    log.info("stopping: health NOT_SERVING, %.0f s grace for in-flight calls",
+             service.config.grace_s)
+    preparing.cancel()
+    await service.stop()
+    await close()
+    return 0
+
+
 def stop_event_on_signals() -> asyncio.Event:
     """An event set by SIGTERM or SIGINT, so `serve` loops can stop gracefully."""
     event = asyncio.Event()

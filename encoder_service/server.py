@@ -17,7 +17,7 @@ import torch
 
 from clipsearch import metrics
 from clipsearch.encoder.v1 import encoder_pb2
-from clipsearch.serving import Service, stop_event_on_signals
+from clipsearch.serving import Service, serve_until_stopped
 from encoder_service.batcher import BatcherStopped, DynamicBatcher, QueueFull
 from encoder_service.config import EncoderConfig
 from encoder_service.images import ImageError, PreprocessStages, open_image
@@ -226,27 +226,6 @@ async def serve(config: EncoderConfig) -> int:
     """Runs the encoder until SIGTERM/SIGINT. Listens at once with health NOT_SERVING,
     loads the model, then serves. Returns the process exit code."""
     servicer = EncoderServicer(config)
-    service = Service(config, SERVICE, servicer)
-    await service.start()
-    log.info("encoder listening on %s:%d; NOT_SERVING until model %s is loaded",
-             config.host, service.port, config.model)
-    stop = stop_event_on_signals()
-    loading = asyncio.ensure_future(servicer.load())
-    stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if loading.done() and loading.exception() is not None:
-        error = loading.exception()
-        trace = None if isinstance(error, ModelLoadError) else error
-        log.error("cannot start: %s", error, exc_info=trace)
-        await service.server.stop(0)
-        await servicer.close()
-        return 2
-    if not stop.is_set():
-        await service.set_serving(True)
-        log.info("encoder SERVING on port %d", service.port)
-        await stopping
-    log.info("stopping: health NOT_SERVING, %.0f s grace for in-flight calls", config.grace_s)
-    loading.cancel()
-    await service.stop()
-    await servicer.close()
-    return 0
+    log.info("encoder model %s", config.model)
+    return await serve_until_stopped(Service(config, SERVICE, servicer), servicer.load(),
+                                     servicer.close, "encoder", (ModelLoadError,))

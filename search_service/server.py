@@ -21,7 +21,7 @@ import grpc
 
 from clipsearch import metrics
 from clipsearch.search.v1 import search_pb2
-from clipsearch.serving import MalformedRequest, Service, request_id, stop_event_on_signals
+from clipsearch.serving import MalformedRequest, Service, request_id, serve_until_stopped
 from encoder_service.batcher import DynamicBatcher, QueueFull
 from encoder_service.images import ImageError, probe_image
 from search_service.config import SearchConfig
@@ -470,25 +470,7 @@ async def serve(config: SearchConfig) -> int:
     """Runs the search service until SIGTERM/SIGINT; NOT_SERVING until the encoder
     answers and the collection is open. Returns the process exit code."""
     servicer = SearchServicer(config, encoder_pool(config))
-    service = Service(config, SERVICE, servicer)
-    await service.start()
-    log.info("search listening on %s:%d; encoder %s; Milvus %s", config.host, service.port,
-             config.encoder, config.milvus)
-    stop = stop_event_on_signals()
-    opening = asyncio.ensure_future(servicer.open())
-    stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({opening, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if opening.done() and opening.exception() is not None:
-        log.error("cannot start: %s", opening.exception())
-        await service.server.stop(0)
-        await servicer.close()
-        return 2
-    if not stop.is_set():
-        await service.set_serving(True)
-        log.info("search SERVING on port %d", service.port)
-        await stopping
-    log.info("stopping: health NOT_SERVING, %.0f s grace for in-flight calls", config.grace_s)
-    opening.cancel()
-    await service.stop()
-    await servicer.close()  # closes the store: Lite flushes and releases its lock
-    return 0
+    log.info("search over encoder %s and Milvus %s", config.encoder, config.milvus)
+    # close() closes the store: Lite flushes and releases its lock.
+    return await serve_until_stopped(Service(config, SERVICE, servicer), servicer.open(),
+                                     servicer.close, "search")
