@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -143,6 +144,22 @@ def write(results: dict[str, Any], out: Path) -> None:
                                      ("recall_at_10", "recall@10"),
                                      ("insert_rows_per_s", "insert rows/s")]),
                   "", _machine_line(r), ""]
+    soak_file = out / "soak.json"
+    if soak_file.exists():
+        r = json.loads(soak_file.read_text())
+        parts += ["## Soak", "", f"`python -m benchmarks.soak`: SearchText at concurrency "
+                  f"{r['concurrency']} for {r['seconds']:.0f} s through both services "
+                  f"({r['model']}), while the other photos are indexed one by one.", "",
+                  _table([{"requests": r["requests"], "rps": r["rps"], "p50_ms": r["p50_ms"],
+                           "p99_ms": r["p99_ms"], "statuses": r["statuses"],
+                           "index_errors": len(r["index_errors"]),
+                           **{f"rss_{k}": f"{r['rss_start_mb'][k]:.0f} → {r['rss_end_mb'][k]:.0f}"
+                              f" (peak {r['rss_peak_mb'][k]:.0f})" for k in r["rss_start_mb"]}}],
+                         [("requests", "requests"), ("rps", "queries/s"), ("p50_ms", "p50 ms"),
+                          ("p99_ms", "p99 ms"), ("statuses", "statuses"),
+                          ("index_errors", "index errors"),
+                          ("rss_encoder", "encoder RSS MB"), ("rss_search", "search RSS MB")]),
+                  ""]
     for extra in sorted(out.glob("gpu-*.md")):
         parts += [extra.read_text(), ""]
     (out / "benchmarks.md").write_text("\n".join(parts))

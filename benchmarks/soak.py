@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import LoadConfig, run
+from benchmarks.report import write as write_report
 from client import SearchClient
 from clipsearch.processes import running
 
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_save:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "soak.json").write_text(json.dumps(result, indent=2))
+        store = RESULTS / "benchmarks.json"
+        write_report(json.loads(store.read_text()) if store.exists() else {}, RESULTS)
     ok = set(result["statuses"]) == {"OK"} and not result["index_errors"]
     return 0 if ok else 1
 
