@@ -214,46 +214,62 @@ def text_search(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def collection_size(args: argparse.Namespace) -> dict[str, Any]:
-    """Search latency and recall against exact search, by collection size, Milvus Lite,
-    filtered (a 10% uri prefix) and not; synthetic unit vectors."""
+    """Search latency and recall against exact search, by collection size, in Milvus Lite
+    and (where the `milvus` package runs) a Milvus server, filtered (a 10% uri prefix) and
+    not; synthetic unit vectors."""
+    from clipsearch.milvus_server import milvus_server_available, start_milvus_server
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        server = None
+        if milvus_server_available() is None:
+            server = start_milvus_server(Path(tmp) / "server")
+        try:
+            for size in (int(s) for s in args.sizes.split(",")):
+                rows += _collection_rows(str(Path(tmp) / f"lite-{size}.db"), size, args.quick)
+                if server is not None:
+                    rows += _collection_rows(server.uri, size, args.quick)
+        finally:
+            if server is not None:
+                server.stop()
+    return {"rows": rows}
+
+
+def _collection_rows(uri: str, size: int, quick: bool) -> list[dict[str, Any]]:
     from search_service.filters import StructuredFilter, build_expression
     from search_service.store import StoredImage, VectorStore
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(size)
+    vectors = rng.standard_normal((size, 512), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"{i:064x}" for i in range(size)]
+    paths = [f"/synthetic/{i % 10}/{i}.jpg" for i in range(size)]
+    store = VectorStore(uri, collection=f"bench_{size}", dimension=512, model="synthetic",
+                        model_fingerprint="synthetic")
+    started = time.perf_counter()
+    for start in range(0, size, 10_000):
+        store.upsert([StoredImage(ids[i], vectors[i], paths[i], 1, 1, 0, "{}")
+                      for i in range(start, min(size, start + 10_000))])
+    insert_s = time.perf_counter() - started
+    queries = rng.standard_normal((10 if quick else 30, 512), dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    expression = build_expression(StructuredFilter(uri_prefix="/synthetic/3/"), False)
+    in_filter = np.array([p.startswith("/synthetic/3/") for p in paths])
     rows = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        vectors = rng.standard_normal((size, 512), dtype=np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        ids = [f"{i:064x}" for i in range(size)]
-        uris = [f"/synthetic/{i % 10}/{i}.jpg" for i in range(size)]
-        with tempfile.TemporaryDirectory() as tmp:
-            store = VectorStore(str(Path(tmp) / "milvus.db"), dimension=512, model="synthetic",
-                                model_fingerprint="synthetic")
-            started = time.perf_counter()
-            for start in range(0, size, 10_000):
-                store.upsert([StoredImage(ids[i], vectors[i], uris[i], 1, 1, 0, "{}")
-                              for i in range(start, min(size, start + 10_000))])
-            insert_s = time.perf_counter() - started
-            queries = rng.standard_normal((10 if args.quick else 30, 512), dtype=np.float32)
-            queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-            expression = build_expression(StructuredFilter(uri_prefix="/synthetic/3/"), False)
-            in_filter = np.array([u.startswith("/synthetic/3/") for u in uris])
-            for name, expr, mask in (("unfiltered", "", None), ("uri prefix 10%", expression,
-                                                                in_filter)):
-                latencies, recalls = [], []
-                store.search(queries[:1], 10, expr)  # warm-up
-                for query in queries:
-                    t0 = time.perf_counter()
-                    [hits] = store.search(query[None], 10, expr)
-                    latencies.append(time.perf_counter() - t0)
-                    scores = vectors @ query
-                    if mask is not None:
-                        scores = np.where(mask, scores, -9)
-                    exact = {ids[i] for i in np.argsort(-scores)[:10]}
-                    recalls.append(len(exact & {h.id for h in hits}) / 10)
-                rows.append({"backend": store.backend, "index": store.index_type, "size": size,
-                             "filter": name, "insert_rows_per_s": size / insert_s,
-                             "recall_at_10": float(np.mean(recalls)),
-                             **percentiles_ms(latencies)})
-            store.close()
-    return {"rows": rows}
+    for name, expr, mask in (("unfiltered", "", None), ("uri prefix 10%", expression, in_filter)):
+        latencies, recalls = [], []
+        store.search(queries[:1], 10, expr)  # warm-up
+        for query in queries:
+            t0 = time.perf_counter()
+            [hits] = store.search(query[None], 10, expr)
+            latencies.append(time.perf_counter() - t0)
+            scores = vectors @ query
+            if mask is not None:
+                scores = np.where(mask, scores, -9)
+            exact = {ids[i] for i in np.argsort(-scores)[:10]}
+            recalls.append(len(exact & {h.id for h in hits}) / 10)
+        rows.append({"backend": store.backend, "index": store.index_type, "size": size,
+                     "filter": name, "insert_rows_per_s": size / insert_s,
+                     "recall_at_10": float(np.mean(recalls)), **percentiles_ms(latencies)})
+    store.close()
+    return rows
