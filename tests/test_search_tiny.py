@@ -34,6 +34,7 @@ def test_shape_queries_find_their_shapes(shapes_search: tuple[RunningService, Pa
         hits = {q: client.search_text(q, top_k=3) for q in queries}
     top1 = [Path(hits[q][0].uri).name.startswith(q.replace(" ", "_") + "_") for q in queries]
     recall_at_1 = sum(top1) / len(queries)
+    print(f"recall@1 {recall_at_1:.3f}")
     assert recall_at_1 >= 0.9, [q for q, ok in zip(queries, top1, strict=True) if not ok]
     red_circles = [Path(h.uri).name for h in hits["a red circle"]]
     assert sum(name.startswith("a_red_circle_") for name in red_circles) >= 2, red_circles

@@ -26,4 +26,5 @@ def test_text_to_image_recall_at_1(encoder_tiny: RunningService) -> None:
         text_vectors = client.encode_texts(captions)
     best_image = np.argmax(text_vectors @ image_vectors.T, axis=1)
     recall_at_1 = float(np.mean(labels[best_image] == np.arange(len(captions))))
+    print(f"recall@1 {recall_at_1:.3f}")
     assert recall_at_1 >= 0.9, recall_at_1
