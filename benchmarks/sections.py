@@ -20,7 +20,7 @@ from benchmarks.seed import SeedTutorial, percentiles_ms
 from client import SearchClient, image_files
 from clipsearch.encoder.v1 import encoder_pb2
 from clipsearch.processes import RunningService, running
-from encoder_service.images import image_tensor
+from encoder_service.images import PreprocessStages, image_pixels
 from encoder_service.model import LoadedModel, clip, load_model
 from encoder_service.testmodels import cached_random_vit_b32
 
@@ -83,7 +83,8 @@ def encoder_alone(args: argparse.Namespace) -> dict[str, Any]:
         model = load_model(str(checkpoint), precision=precision)
         image_flops, text_flops = model_flops(model)
         peak = matmul_peak(precision, model.device, args.quick)
-        pixels = image_tensor(photo.read_bytes(), model.preprocess, 10**8)
+        stages = PreprocessStages.split(model.preprocess)
+        pixels = stages.batch([image_pixels(photo.read_bytes(), stages, 10**8)])[0]
         for batch in batches:
             images = pixels.expand(batch, -1, -1, -1).contiguous()
             tokens = clip.tokenize([QUERIES[i % len(QUERIES)] for i in range(batch)])
@@ -95,7 +96,7 @@ def encoder_alone(args: argparse.Namespace) -> dict[str, Any]:
                          "image_gflops": image_flops / 1e9, "text_gflops": text_flops / 1e9,
                          "peak_tflops": peak / 1e12,
                          "image_share_of_peak": batch / per_image * image_flops / peak})
-    decode_s = timed(lambda: image_tensor(photo.read_bytes(), model.preprocess, 10**8), 1)
+    decode_s = timed(lambda: stages.batch([image_pixels(photo.read_bytes(), stages, 10**8)]), 1)
     return {"rows": rows, "decode_preprocess_ms_per_image": decode_s * 1000,
             "note": "texts are short prompts (~8 tokens), the tower cut at end-of-text"}
 

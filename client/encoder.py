@@ -38,7 +38,13 @@ class EncodeResults:
     truncated: list[bool]
 
 
-def parse_response(response: encoder_pb2.EncodeResponse, dimension: int) -> EncodeResults:
+def parse_response(response: encoder_pb2.EncodeResponse,
+                   dimension: int | None = None) -> EncodeResults:
+    """Per-item results of an EncodeText/EncodeImage response. Without `dimension`, it
+    is taken from the first vector (0 when every item failed)."""
+    if dimension is None:
+        dimension = next((len(r.vector.values) for r in response.results
+                          if r.HasField("vector")), 0)
     vectors = np.zeros((len(response.results), dimension), np.float32)
     failures: dict[int, str] = {}
     for i, result in enumerate(response.results):

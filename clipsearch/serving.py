@@ -247,7 +247,7 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
     def _done(self, method: str, context: grpc.aio.ServicerContext, start: float) -> None:
         ms = (time.perf_counter() - start) * 1000
         code = context.code() if hasattr(context, "code") else None
-        status = (code.name if isinstance(code, grpc.StatusCode) else "OK") if code else "OK"
+        status = code.name if isinstance(code, grpc.StatusCode) else "OK"
         log.info("rpc done", extra={"rpc": method, "status": status, "ms": round(ms, 2),
                                     "request_id": request_id(context)})
         self._on_done(method.rsplit("/", 1)[-1], status, ms / 1000)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
@@ -30,21 +30,6 @@ class _Pending(Generic[Item, Result]):
     deadline: float | None  # loop time after which nobody waits for the result
 
 
-@dataclass
-class BatchStats:
-    """Counts for metrics and tests: how many batches ran and of what sizes."""
-
-    batches: int = 0
-    items: int = 0
-    sizes: list[int] = field(default_factory=list)
-
-    def record(self, size: int) -> None:
-        self.batches += 1
-        self.items += size
-        if len(self.sizes) < 10_000:
-            self.sizes.append(size)
-
-
 class DynamicBatcher(Generic[Item, Result]):
     """Gathers items from concurrent calls into batches for `run_batch`, which maps a list
     of items to one result per item, in order."""
@@ -61,7 +46,6 @@ class DynamicBatcher(Generic[Item, Result]):
         self._queue: asyncio.Queue[_Pending[Item, Result]] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
-        self.stats = BatchStats()
 
     @property
     def depth(self) -> int:
@@ -160,7 +144,6 @@ class DynamicBatcher(Generic[Item, Result]):
             return
         finally:
             self._slots.release()
-        self.stats.record(len(batch))
         if self._on_batch is not None:
             self._on_batch(len(batch), time.perf_counter() - started)
         for pending, result in zip(batch, results, strict=True):

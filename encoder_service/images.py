@@ -87,12 +87,11 @@ class PreprocessStages:
         return batch.sub(self.mean).div(self.std)
 
 
-def image_tensor(data: bytes, preprocess: Callable[[Image.Image], torch.Tensor],
-                 max_pixels: int) -> torch.Tensor:
-    """The reference input: clip's own preprocess (bicubic resize, centre crop, RGB,
-    normalise) applied to the decoded image, as `preprocess(Image.open(path))` does."""
+def image_pixels(data: bytes, stages: PreprocessStages, max_pixels: int) -> np.ndarray:
+    """Decodes `data` and runs the PIL stage of clip's preprocess on it; with
+    `stages.batch` this is `preprocess(Image.open(path))`, the reference input."""
     image = open_image(data, max_pixels)
     try:
-        return preprocess(image)
+        return stages.pixels(image)
     except (OSError, ValueError) as exc:
         raise ImageError(f"cannot convert {image.format} {image.mode} image: {exc}") from exc

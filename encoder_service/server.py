@@ -20,7 +20,7 @@ from clipsearch.encoder.v1 import encoder_pb2
 from clipsearch.serving import Service, serve_until_stopped
 from encoder_service.batcher import BatcherStopped, DynamicBatcher, QueueFull
 from encoder_service.config import EncoderConfig
-from encoder_service.images import ImageError, PreprocessStages, open_image
+from encoder_service.images import ImageError, PreprocessStages, image_pixels
 from encoder_service.model import LoadedModel, ModelLoadError, clip, load_model
 
 log = logging.getLogger("clipsearch.encoder")
@@ -210,7 +210,7 @@ def _prepare_image(data: bytes, *, stages: PreprocessStages,
                    max_pixels: int) -> tuple[Prepared, bool] | str:
     """Decode + the PIL stage of preprocessing (runs on the decode pool, no torch)."""
     try:
-        return stages.pixels(open_image(data, max_pixels)), False
+        return image_pixels(data, stages, max_pixels), False
     except ImageError as exc:
         return str(exc)
 

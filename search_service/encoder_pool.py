@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from client.encoder import parse_response
 from clipsearch.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from clipsearch.serving import REQUEST_ID_KEY, message_options
 
@@ -113,13 +114,15 @@ class EncoderPool:
                            request_id: str = "") -> tuple[np.ndarray, dict[int, str]]:
         response = await self._call("EncodeText", encoder_pb2.EncodeTextRequest(texts=texts),
                                     deadline, request_id)
-        return _vectors(response)  # type: ignore[arg-type]
+        results = parse_response(response)  # type: ignore[arg-type]
+        return results.vectors, results.failures
 
     async def encode_images(self, images: Sequence[bytes], deadline: float | None = None,
                             request_id: str = "") -> tuple[np.ndarray, dict[int, str]]:
         response = await self._call("EncodeImage", encoder_pb2.EncodeImageRequest(images=images),
                                     deadline, request_id)
-        return _vectors(response)  # type: ignore[arg-type]
+        results = parse_response(response)  # type: ignore[arg-type]
+        return results.vectors, results.failures
 
     async def wait_ready(self, timeout_s: float) -> encoder_pb2.ModelInfo:
         """GetModelInfo, retried until the encoder has loaded its model or time is up."""
@@ -134,15 +137,3 @@ class EncoderPool:
                     raise
             await asyncio.sleep(0.5)
 
-
-def _vectors(response: encoder_pb2.EncodeResponse) -> tuple[np.ndarray, dict[int, str]]:
-    """(n, dim) vectors (zeros for failed items) and the failures by index."""
-    failures = {i: r.error.message for i, r in enumerate(response.results) if r.HasField("error")}
-    rows = [np.asarray(r.vector.values, np.float32) for r in response.results
-            if not r.HasField("error")]
-    dim = len(rows[0]) if rows else 0
-    vectors = np.zeros((len(response.results), dim), np.float32)
-    good = [i for i in range(len(response.results)) if i not in failures]
-    if rows:
-        vectors[good] = np.stack(rows)
-    return vectors, failures

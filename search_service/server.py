@@ -414,14 +414,13 @@ class PreparedBatch:
     results: dict[int, search_pb2.IndexResult]
     to_store: list[tuple[CheckedItem, Any]] = field(default_factory=list)
 
-    def set(self, item: CheckedItem, status: int, error: str = "", code: int = 0) -> None:
+    def set(self, item: CheckedItem, status: int) -> None:
         self.results[item.sequence] = search_pb2.IndexResult(
             sequence=item.sequence, id=item.id, uri=item.uri,
-            status=status,  # type: ignore[arg-type]
-            error=f"{item.uri}: {error}" if error else "", error_code=code)
+            status=status)  # type: ignore[arg-type]
 
     def fail(self, item: CheckedItem, error: str, code: int) -> None:
-        self.set(item, Status.FAILED, error, code)
+        self.results[item.sequence] = _failed(item.sequence, item.uri, error, code, item.id)
 
 
 async def _batches(requests: AsyncIterator[Any], size: int,
