@@ -225,29 +225,41 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                start = time.perf_counter()
+                start, failure = time.perf_counter(), None
                 try:
                     return await inner(request, context)
+                except BaseException as exc:
+                    failure = exc
+                    raise
                 finally:
-                    done(method, context, start)
+                    done(method, context, start, failure)
             return handler._replace(unary_unary=unary_unary)
         if handler.stream_stream:
             inner_ss = handler.stream_stream
 
             async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                start = time.perf_counter()
+                start, failure = time.perf_counter(), None
                 try:
                     async for item in inner_ss(requests, context):
                         yield item
+                except BaseException as exc:
+                    failure = exc
+                    raise
                 finally:
-                    done(method, context, start)
+                    done(method, context, start, failure)
             return handler._replace(stream_stream=stream_stream)
         return handler
 
-    def _done(self, method: str, context: grpc.aio.ServicerContext, start: float) -> None:
+    def _done(self, method: str, context: grpc.aio.ServicerContext, start: float,
+              failure: BaseException | None) -> None:
         ms = (time.perf_counter() - start) * 1000
         code = context.code() if hasattr(context, "code") else None
-        status = code.name if isinstance(code, grpc.StatusCode) else "OK"
+        if isinstance(code, grpc.StatusCode):  # set by abort() or set_code()
+            status = code.name
+        elif isinstance(failure, asyncio.CancelledError):
+            status = "CANCELLED"  # the caller went away, or its deadline passed first
+        else:
+            status = "OK" if failure is None else "UNKNOWN"
         log.info("rpc done", extra={"rpc": method, "status": status, "ms": round(ms, 2),
                                     "request_id": request_id(context)})
         self._on_done(method.rsplit("/", 1)[-1], status, ms / 1000)
