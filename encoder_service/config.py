@@ -36,5 +36,9 @@ class EncoderConfig(ServerConfig):
     max_text_bytes: int = option("longest text accepted, in UTF-8 bytes", default=4096)
     decode_threads: int = option("threads decoding and preprocessing images (0: one per CPU)",
                                  default=0)
-    torch_threads: int = option("intra-op threads for inference on CPU (0: torch default)",
-                                default=0)
+    torch_threads: int = option("intra-op threads for image batches on CPU (0: torch "
+                                "default, one per core)", default=0)
+    text_threads: int = option("intra-op threads for text batches on CPU (0: as images); "
+                               "text batches are small, so handing their ops to more threads "
+                               "costs more than it saves and the idle threads spin on the "
+                               "cores the other services need", default=1)

@@ -56,7 +56,8 @@ class EncoderServicer:
         self.config = config
         self.model: LoadedModel | None = None
         self.load_seconds = 0.0
-        self._infer = ThreadPoolExecutor(1, thread_name_prefix="infer")
+        self._infer = ThreadPoolExecutor(1, thread_name_prefix="infer")  # load, images
+        self._text_infer = ThreadPoolExecutor(1, thread_name_prefix="infer-text")
         self._decode = ThreadPoolExecutor(config.decode_threads or os.cpu_count() or 1,
                                           thread_name_prefix="decode")
         self.text_batcher: DynamicBatcher[Prepared, np.ndarray] | None = None
@@ -79,30 +80,39 @@ class EncoderServicer:
                  model.fingerprint)
         loop = asyncio.get_running_loop()
 
-        def on_model_thread(encode: Callable[[list[Prepared]], np.ndarray]) -> RunBatch:
-            # One model, one thread: batches of both towers queue for it in turn.
-            def rows(batch: list[Prepared]) -> list[np.ndarray]:
-                return list(encode(batch))
-            return lambda batch: loop.run_in_executor(self._infer, rows, batch)
+        image_threads = torch.get_num_threads()
+        text_threads = self.config.text_threads or image_threads
+        log.info("intra-op threads: %d for image batches, %d for text batches",
+                 image_threads, text_threads)
 
-        def batcher(tower: str, encode: Callable[[list[Prepared]], np.ndarray]
-                    ) -> DynamicBatcher[Prepared, np.ndarray]:
+        def on_thread(encode: Callable[[list[Prepared]], np.ndarray], pool: ThreadPoolExecutor,
+                      threads: int) -> RunBatch:
+            # Each tower has its own thread, one batch at a time, so a text search never
+            # waits behind a long image batch. The intra-op count is set per batch: OpenMP
+            # keeps it per calling thread.
+            def rows(batch: list[Prepared]) -> list[np.ndarray]:
+                torch.set_num_threads(threads)
+                return list(encode(batch))
+            return lambda batch: loop.run_in_executor(pool, rows, batch)
+
+        def batcher(tower: str, run: RunBatch) -> DynamicBatcher[Prepared, np.ndarray]:
             def observe(size: int, seconds: float) -> None:
                 metrics.BATCH_SIZE.labels(tower).observe(size)
                 metrics.BATCH_SECONDS.labels(tower).observe(seconds)
             made: DynamicBatcher[Prepared, np.ndarray] = DynamicBatcher(
-                on_model_thread(encode), max_batch=self.config.max_batch,
-                max_queue=self.config.max_queue, max_delay_s=self.config.max_delay_ms / 1000,
-                on_batch=observe)
+                run, max_batch=self.config.max_batch, max_queue=self.config.max_queue,
+                max_delay_s=self.config.max_delay_ms / 1000, on_batch=observe)
             metrics.QUEUE_DEPTH.labels(tower).set_function(lambda: made.depth)
             return made
 
         stages = PreprocessStages.split(model.preprocess)
         self.stages = stages
-        self.text_batcher = batcher(
-            "text", lambda tokens: model.encode_tokens(torch.stack(tokens)))  # type: ignore[arg-type]
-        self.image_batcher = batcher(
-            "image", lambda pixels: model.encode_images(stages.batch(pixels)))  # type: ignore[arg-type]
+        self.text_batcher = batcher("text", on_thread(
+            lambda tokens: model.encode_tokens(torch.stack(tokens)),  # type: ignore[arg-type]
+            self._text_infer, text_threads))
+        self.image_batcher = batcher("image", on_thread(
+            lambda pixels: model.encode_images(stages.batch(pixels)),  # type: ignore[arg-type]
+            self._infer, image_threads))
         metrics.MODEL_LOAD_SECONDS.set(self.load_seconds)
         self.text_batcher.start()
         self.image_batcher.start()
@@ -112,7 +122,8 @@ class EncoderServicer:
         for batcher in (self.text_batcher, self.image_batcher):
             if batcher is not None:
                 await batcher.stop()
-        self._infer.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._infer, self._text_infer):
+            pool.shutdown(wait=False, cancel_futures=True)
         self._decode.shutdown(wait=False, cancel_futures=True)
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> LoadedModel:

@@ -42,6 +42,9 @@ class SearchConfig(ServerConfig):
     max_uri_bytes: int = option("longest uri accepted at Index", default=2048)
     max_metadata_bytes: int = option("largest metadata JSON accepted at Index", default=16384)
     max_pixels: int = option("largest image accepted, in pixels", default=40_000_000)
+    blas_threads: int = option("threads numpy's BLAS may use (Milvus Lite's exact search runs "
+                               "on it); more threads spin between small searches and starve "
+                               "the gRPC threads (0: BLAS's default)", default=1)
     query_batch_delay_ms: float = option("how long a search waits for concurrent searches to "
                                          "share its encoder call and Milvus search",
                                          default=0.0)

@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import grpc
+from threadpoolctl import threadpool_limits
 
 from clipsearch import metrics
 from clipsearch.search.v1 import search_pb2
@@ -468,6 +469,9 @@ def encoder_pool(config: SearchConfig) -> EncoderPool:
 async def serve(config: SearchConfig) -> int:
     """Runs the search service until SIGTERM/SIGINT; NOT_SERVING until the encoder
     answers and the collection is open. Returns the process exit code."""
+    if config.blas_threads > 0:
+        # Process-wide and kept for its life (threadpoolctl's limits are global state).
+        threadpool_limits(config.blas_threads, user_api="blas")
     servicer = SearchServicer(config, encoder_pool(config))
     log.info("search over encoder %s and Milvus %s", config.encoder, config.milvus)
     # close() closes the store: Lite flushes and releases its lock.

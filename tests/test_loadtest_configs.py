@@ -18,6 +18,7 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import DecodeError, Message
 from PIL import Image
 
+from benchmarks.loadgen import LoadConfig
 from clipsearch.encoder.v1 import encoder_pb2
 from clipsearch.search.v1 import search_pb2
 
@@ -177,3 +178,22 @@ def test_make_payloads_reproduces_the_committed_payload(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(LOADTEST / "make_payloads.py"), "--out", str(out)],
                    check=True, cwd=tmp_path, capture_output=True, timeout=60)
     assert out.read_bytes() == (LOADTEST / "encode_image.bin").read_bytes()
+
+
+def test_template_actions_are_filled_in_per_call() -> None:
+    config = LoadConfig(call="clipsearch.search.v1.Search.SearchText",
+                        data={"text": "a white dog {{.RequestNumber}}", "top_k": 3,
+                              "filter": {"uri_prefix": "{{ .UUID }}"}})
+    requests = config.requests()
+    first, eighth = requests(0), requests(7)
+    assert (first.text, eighth.text) == ("a white dog 0", "a white dog 7")
+    assert first.top_k == eighth.top_k == 3
+    assert len(first.filter.uri_prefix) == 36 and first.filter.uri_prefix != \
+        eighth.filter.uri_prefix
+
+
+def test_data_without_actions_is_one_message() -> None:
+    requests = LoadConfig(call="clipsearch.search.v1.Search.SearchText",
+                          data={"text": "a white dog"}).requests()
+    assert requests(0) is requests(5)
+    assert requests(0).text == "a white dog"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
 from client import EncoderClient
@@ -58,12 +59,13 @@ def test_request_id_travels_and_each_request_logs_one_json_line(
 
 
 def test_search_deadline_bounds_the_encoder_call(
-        json_logged: tuple[RunningService, RunningService], photos: list[Path]) -> None:
+        json_logged: tuple[RunningService, RunningService]) -> None:
     encoder, search = json_logged
-    images = [p.read_bytes() for p in photos[:96]]
-    busy = threading.Thread(target=lambda: EncoderClient(encoder.address, timeout_s=120)
-                            .encode_images(images))
-    busy.start()  # the model is now busy for seconds (fp32, 96 images)
+    long_texts = ["a photo of a very large white dog on a green lawn " * 8] * 128
+    busy_vectors: list[np.ndarray] = []
+    busy = threading.Thread(target=lambda: busy_vectors.append(
+        EncoderClient(encoder.address, timeout_s=120).encode_texts(long_texts)))
+    busy.start()  # the text tower is now busy for seconds (fp32, 128 texts of 77 tokens)
     time.sleep(1.0)
     started = time.monotonic()
     with grpc.insecure_channel(search.address) as channel, \
@@ -74,6 +76,7 @@ def test_search_deadline_bounds_the_encoder_call(
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 2.0
     busy.join(120)
+    assert busy_vectors[0].shape == (128, 512)  # the load really ran
     [encoded] = [e for e in rpc_lines(encoder) if e.get("request_id") == "deadline-1"]
     assert encoded["status"] in ("DEADLINE_EXCEEDED", "CANCELLED")
     assert float(encoded["ms"]) < 700  # bounded by the caller's 0.5 s, not the 30 s default

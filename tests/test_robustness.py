@@ -167,3 +167,26 @@ def test_full_queue_answers_resource_exhausted_at_once(random_vit_b32: Path, pho
         assert outcomes.count("ok") + len(refused) == 40
         assert max(float(o.split()[-1]) for o in refused) < 1.0
         assert client.encode_images([image]).shape == (1, 512)
+
+
+def test_a_text_does_not_wait_behind_image_batches(encoder_fp32: RunningService,
+                                                  photos: list[Path]) -> None:
+    """Each tower has its own thread: a search's text is encoded while a long image job
+    (three fp32 batches of 32, over a second each) is still running."""
+    images = [p.read_bytes() for p in photos[:96]]
+    image_job: list[float] = []
+
+    def encode_images() -> None:
+        with EncoderClient(encoder_fp32.address, timeout_s=120) as client:
+            client.encode_images(images)
+            image_job.append(time.monotonic())
+
+    busy = threading.Thread(target=encode_images)
+    busy.start()
+    time.sleep(0.4)  # the first image batch (~1.5 s) has started
+    with EncoderClient(encoder_fp32.address, timeout_s=0.5) as client:
+        vectors = client.encode_texts(["a white dog"])  # raises past 0.5 s
+    text_done = time.monotonic()
+    busy.join(120)
+    assert vectors.shape == (1, 512)
+    assert image_job and image_job[0] > text_done + 1.0
