@@ -149,8 +149,8 @@ def write(results: dict[str, Any], out: Path) -> None:
     soak_file = out / "soak.json"
     if soak_file.exists():
         r = json.loads(soak_file.read_text())
-        parts += ["## Soak", "", f"`python -m benchmarks.soak`: SearchText at concurrency "
-                  f"{r['concurrency']} for {r['seconds']:.0f} s through both services "
+        parts += ["## Soak", "", f"`python -m benchmarks.soak`: SearchText (distinct texts) at "
+                  f"concurrency {r['concurrency']} for {r['seconds']:.0f} s through both services "
                   f"({r['model']}), while the other photos are indexed one by one.", "",
                   _table([{"requests": r["requests"], "rps": r["rps"], "p50_ms": r["p50_ms"],
                            "p99_ms": r["p99_ms"], "statuses": r["statuses"],

@@ -1,5 +1,5 @@
-"""Soak both services: SearchText (and a trickle of Index) at concurrency 32 for a while,
-reporting errors, p99 and how each process's memory grew.
+"""Soak both services: SearchText (distinct texts) at concurrency 32 for a while, with a
+trickle of Index, reporting errors, p99 and how each process's memory grew.
 
     python -m benchmarks.soak --minutes 3                # the benchmark (results/soak.md)
     python -m benchmarks.soak --seconds 10 --model tiny  # what the tests run
@@ -18,6 +18,7 @@ from typing import Any
 
 from benchmarks.loadgen import LoadConfig, run
 from benchmarks.report import write as write_report
+from benchmarks.sections import SEARCH_REQUEST
 from client import SearchClient
 from clipsearch.processes import running
 
@@ -62,7 +63,7 @@ def soak(model: Path, seconds: float, concurrency: int = 32) -> dict[str, Any]:
         sampler = threading.Thread(target=background)
         sampler.start()
         config = LoadConfig(call="clipsearch.search.v1.Search.SearchText",
-                            host=search.address, data={"text": "a white dog", "top_k": 10},
+                            host=search.address, data=SEARCH_REQUEST,
                             concurrency=concurrency, duration_s=seconds)
         report = asyncio.run(run(config))
         stop.set()

@@ -39,6 +39,9 @@ class EncoderConfig(ServerConfig):
     torch_threads: int = option("intra-op threads for image batches on CPU (0: torch "
                                 "default, one per core)", default=0)
     text_threads: int = option("intra-op threads for text batches on CPU (0: as images); "
-                               "text batches are small, so handing their ops to more threads "
-                               "costs more than it saves and the idle threads spin on the "
-                               "cores the other services need", default=1)
+                               "one suits a machine shared with the search service and "
+                               "Milvus: a short text's matrices are too small to share and "
+                               "idle OpenMP threads spin on the cores they need; an encoder "
+                               "with a CPU machine of its own may do better with 0 under "
+                               "load (docs/deployment.md)",
+                               default=1)
