@@ -88,8 +88,9 @@ class EncoderServicer:
         def on_thread(encode: Callable[[list[Prepared]], np.ndarray], pool: ThreadPoolExecutor,
                       threads: int) -> RunBatch:
             # Each tower has its own thread, one batch at a time, so a text search never
-            # waits behind a long image batch. The intra-op count is set per batch: OpenMP
-            # keeps it per calling thread.
+            # waits behind a long image batch. The intra-op count is set before every batch
+            # (microseconds): OpenMP keeps it per calling thread, but torch also keeps a
+            # process-wide count that the other tower's thread writes.
             def rows(batch: list[Prepared]) -> list[np.ndarray]:
                 torch.set_num_threads(threads)
                 return list(encode(batch))

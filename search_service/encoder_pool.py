@@ -112,16 +112,19 @@ class EncoderPool:
 
     async def encode_texts(self, texts: Sequence[str], deadline: float | None = None,
                            request_id: str = "") -> tuple[np.ndarray, dict[int, str]]:
-        response = await self._call("EncodeText", encoder_pb2.EncodeTextRequest(texts=texts),
-                                    deadline, request_id)
-        results = parse_response(response)  # type: ignore[arg-type]
-        return results.vectors, results.failures
+        return await self._encode("EncodeText", encoder_pb2.EncodeTextRequest(texts=texts),
+                                  deadline, request_id)
 
     async def encode_images(self, images: Sequence[bytes], deadline: float | None = None,
                             request_id: str = "") -> tuple[np.ndarray, dict[int, str]]:
-        response = await self._call("EncodeImage", encoder_pb2.EncodeImageRequest(images=images),
-                                    deadline, request_id)
-        results = parse_response(response)  # type: ignore[arg-type]
+        return await self._encode("EncodeImage", encoder_pb2.EncodeImageRequest(images=images),
+                                  deadline, request_id)
+
+    async def _encode(self, method: str, request: object, deadline: float | None,
+                      request_id: str) -> tuple[np.ndarray, dict[int, str]]:
+        """The vectors of an encode call and its per-item failures by index."""
+        results = parse_response(await self._call(method, request, deadline,  # type: ignore[arg-type]
+                                                  request_id))
         return results.vectors, results.failures
 
     async def wait_ready(self, timeout_s: float) -> encoder_pb2.ModelInfo:
