@@ -2,8 +2,8 @@
 #
 #   docker build -f docker/search.Dockerfile -t clipsearch-search:0.1.0 .
 #
-# The package depends on torch (shared code), so the small CPU build is installed: this
-# service never runs a model.
+# Only the search tier is installed (`clipsearch[search]`: pymilvus, Milvus Lite): no torch,
+# torchvision or clip; the model lives in the encoder image.
 
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
@@ -14,19 +14,13 @@ COPY . .
 RUN pip wheel --no-deps --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE}
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# Kept equal to the pins in pyproject.toml (tests/test_deploy_config.py checks it).
-ARG TORCH_VERSION=2.14.1
-ARG TORCHVISION_VERSION=0.29.1
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-RUN pip install --index-url "${TORCH_INDEX_URL}" \
-        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 COPY --from=build /wheels /wheels
-RUN pip install /wheels/*.whl && rm -rf /wheels
+RUN pip install "$(ls /wheels/clipsearch-*.whl)[search]" && rm -rf /wheels
 
 RUN useradd --create-home --uid 10001 --user-group clipsearch \
     && mkdir -p /data \
