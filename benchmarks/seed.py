@@ -18,8 +18,12 @@ from encoder_service.model import CLIP, build_model, clip
 
 
 class SeedTutorial:
-    def __init__(self, checkpoint: Path, milvus_path: Path, collection: str = "image_embeddings"):
-        self.model: CLIP = build_model(torch.load(checkpoint, map_location="cpu")).float().eval()
+    def __init__(self, checkpoint: Path, milvus_path: Path, collection: str = "image_embeddings",
+                 device: str = "cpu"):
+        # As clip.load(name, device=device, jit=False): fp16 weights on CUDA, fp32 on a CPU.
+        model = build_model(torch.load(checkpoint, map_location="cpu")).to(device)
+        self.model: CLIP = (model.float() if device == "cpu" else model).eval()
+        self.device = device
         self.preprocess = clip.clip._transform(self.model.visual.input_resolution)
         self.milvus = MilvusClient(uri=str(milvus_path))
         self.collection = collection
@@ -30,7 +34,7 @@ class SeedTutorial:
                                       metric_type="COSINE")
 
     def encode_image(self, image_path: Path) -> list[float]:
-        image = self.preprocess(Image.open(image_path)).unsqueeze(0)
+        image = self.preprocess(Image.open(image_path)).unsqueeze(0).to(self.device)
         with torch.no_grad():
             features = self.model.encode_image(image)
             features /= features.norm(dim=-1, keepdim=True)
@@ -38,7 +42,7 @@ class SeedTutorial:
 
     def encode_text(self, text: str) -> list[float]:
         with torch.no_grad():
-            features = self.model.encode_text(clip.tokenize(text))
+            features = self.model.encode_text(clip.tokenize(text).to(self.device))
             features /= features.norm(dim=-1, keepdim=True)
         return list(features.squeeze().tolist())
 
