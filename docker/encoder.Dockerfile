@@ -4,11 +4,12 @@
 #   docker build -f docker/encoder.Dockerfile -t clipsearch-encoder:0.1.0-cpu \
 #       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
 #
-# TORCH_INDEX_URL picks the torch build. Left empty, pip's default index is used, whose
-# Linux x86_64 torch wheels are the CUDA build and bring their own CUDA runtime (so a slim
-# base runs on a GPU handed in by the NVIDIA Container Toolkit); a CUDA-specific index such
-# as https://download.pytorch.org/whl/cu130 works too, and the CPU index gives a much
-# smaller image for machines without a GPU.
+# TORCH_INDEX_URL picks the torch build (compose passes CLIPSEARCH_TORCH_INDEX_URL). Left
+# empty, pip's default index is used, whose Linux x86_64 torch 2.14.1 wheel is the CUDA 13.0
+# build and brings its own CUDA runtime (so a slim base runs on a GPU handed in by the NVIDIA
+# Container Toolkit): it needs an NVIDIA driver >= 580 and a Turing or newer GPU. For an
+# older driver or GPU pick another CUDA build, e.g. https://download.pytorch.org/whl/cu126;
+# the CPU index gives a much smaller image for machines without a GPU.
 # Weights are not baked in: they live in a volume at /models (see docs/deployment.md).
 
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
@@ -33,7 +34,8 @@ ENV PYTHONUNBUFFERED=1 \
 RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 COPY --from=build /wheels /wheels
-RUN pip install /wheels/*.whl && rm -rf /wheels
+# The encoder tier only (`clipsearch[encoder]`: clip and its needs; torch is already here).
+RUN pip install "$(ls /wheels/clipsearch-*.whl)[encoder]" && rm -rf /wheels
 
 RUN useradd --create-home --uid 10001 --user-group clipsearch \
     && mkdir -p /models \

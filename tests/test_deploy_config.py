@@ -1,28 +1,37 @@
 """The compose files and Dockerfiles hold together (no Docker engine runs here, so this
-checks their structure): images pinned, a healthcheck everywhere, start order by health,
-the search service wired to Milvus standalone and to every encoder replica, a GPU for the
-encoder except in the CPU variant, and every CLIPSEARCH_* variable a real flag."""
+checks their structure): valid against the compose-spec schema, images pinned, a
+healthcheck everywhere (with tools each image has), start order by health, a failed encoder
+start that ends, ports on loopback unless asked, the search service wired to Milvus
+standalone and to every encoder replica, a GPU for the encoder except in the CPU variant,
+the torch build chosen by a build argument, and every CLIPSEARCH_* variable a real flag."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import shlex
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
 from clipsearch.options import add_options, from_namespace
 from encoder_service import config as encoder_config
+from encoder_service import weights
 from search_service import config as search_config
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
+# compose-spec/compose-spec schema/compose-spec.json (Apache-2.0), vendored for offline use:
+# tests/data/README.md says which commit.
+COMPOSE_SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"
+DEPLOYMENT_DOC = ROOT / "docs" / "deployment.md"
 DOCKERFILES = {"encoder": ROOT / "docker" / "encoder.Dockerfile",
                "search": ROOT / "docker" / "search.Dockerfile"}
 CONFIGS: dict[str, tuple[type, str]] = {
@@ -141,7 +150,9 @@ def strip_tags(value: Any) -> Any:
     return value.value if isinstance(value, Override) else value
 
 
-def read_compose(*paths: Path) -> dict[str, Any]:
+def read_compose(*paths: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The project Compose would run from these files, with `env` as the shell's variables
+    (none by default)."""
     project: dict[str, Any] = {}
     for path in paths:
         document = yaml.load(path.read_text(), Loader=ComposeLoader)  # a SafeLoader
@@ -149,7 +160,7 @@ def read_compose(*paths: Path) -> dict[str, Any]:
         project = merge(project, document) if project else strip_tags(document)
     for service in project.get("services", {}).values():
         service["environment"] = normalise_environment(service.get("environment"))
-    return interpolate(project)
+    return interpolate(project, env)
 
 
 VARIANTS = {"gpu": (COMPOSE,), "cpu": (COMPOSE, COMPOSE_CPU)}
@@ -189,6 +200,8 @@ def env_problems(service: str, environment: dict[str, str]) -> list[str]:
     """Every CLIPSEARCH_* variable must be the variable of a flag of this service."""
     config_cls, prefix = CONFIGS[service]
     valid = {prefix + f.name.upper() for f in dataclasses.fields(config_cls)}
+    if service == "encoder":
+        valid |= set(weights.ENVIRONMENT)  # read by the weights download, not flags
     return [f"{service}: {name} is not a flag of `clipsearch serve {service}`"
             for name in environment if name.startswith("CLIPSEARCH_") and name not in valid]
 
@@ -554,14 +567,22 @@ def test_dockerfile_listens_where_compose_expects(service: str) -> None:
     assert {port, METRICS_PORTS[service]} <= exposed
 
 
-@pytest.mark.parametrize("service", sorted(DOCKERFILES))
-def test_dockerfile_torch_matches_pyproject(service: str) -> None:
+def test_encoder_dockerfile_torch_matches_pyproject() -> None:
     pyproject = (ROOT / "pyproject.toml").read_text()
     pins = dict(re.findall(r'"(torch|torchvision)==([\w.]+)"', pyproject))
     assert set(pins) == {"torch", "torchvision"}, "pyproject.toml pins torch and torchvision"
-    defaults = arg_defaults(dockerfile_instructions(DOCKERFILES[service]))
+    defaults = arg_defaults(dockerfile_instructions(DOCKERFILES["encoder"]))
     assert defaults["TORCH_VERSION"] == pins["torch"]
     assert defaults["TORCHVISION_VERSION"] == pins["torchvision"]
+
+
+def test_search_dockerfile_installs_the_search_tier_only() -> None:
+    final = final_stage(dockerfile_instructions(DOCKERFILES["search"]))
+    installs = [rest for keyword, rest in final if keyword == "RUN" and "pip install" in rest]
+    assert len(installs) == 1, installs
+    assert "[search]" in installs[0] and "[encoder]" not in installs[0], installs
+    text = " ".join(rest for _, rest in final).lower()
+    assert "torch" not in text, "the search image installs no torch"
 
 
 def test_dockerignore_keeps_local_state_out() -> None:
@@ -569,3 +590,149 @@ def test_dockerignore_keeps_local_state_out() -> None:
                if line.strip() and not line.startswith("#")}
     assert {".venv", ".cache", "data", "results", "models"} <= ignored
     assert any("__pycache__" in line for line in ignored)
+
+
+# --- a first deployment as it would go (issue 17) ----------------------------------------
+
+def schema_problems(document: dict[str, Any]) -> list[str]:
+    """Where `document` breaks the compose-spec JSON schema (as `docker compose config`
+    checks it)."""
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    return [f"{'/'.join(map(str, error.absolute_path))}: {error.message}"
+            for error in validator.iter_errors(document)]
+
+
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_CPU], ids=lambda p: p.name)
+def test_each_file_matches_the_compose_spec(path: Path) -> None:
+    document = yaml.load(path.read_text(), Loader=ComposeLoader)
+    # `!reset` removes a value before validation; variables take their defaults.
+    assert not schema_problems(interpolate(strip_tags(document))), \
+        schema_problems(interpolate(strip_tags(document)))
+
+
+def test_the_merged_projects_match_the_compose_spec(project: dict[str, Any]) -> None:
+    assert not schema_problems(project), schema_problems(project)
+
+
+def test_schema_check_can_fail(gpu: dict[str, Any]) -> None:
+    broken = json.loads(json.dumps(gpu))
+    broken["services"]["encoder"]["restart"] = 3  # a number, not a policy
+    broken["services"]["search"]["healthchek"] = {}  # a typo
+    broken["services"]["minio"]["ports"] = [{"target": 9000, "publish": 9000}]
+    problems = schema_problems(broken)
+    assert len(problems) >= 3, problems
+    assert any(p.startswith("services/encoder/restart") for p in problems)
+
+
+def restart_problems(project: dict[str, Any]) -> list[str]:
+    """A service of ours that another waits for (`service_healthy`) must not restart for
+    ever when it cannot start: a restart resets its health to `starting`, so `up` would
+    wait without end. `on-failure:N` ends it `exited`, which `up` reports."""
+    problems = []
+    services = project["services"]
+    awaited = {dep for service in services.values()
+               for dep, rule in (service.get("depends_on") or {}).items()
+               if isinstance(rule, dict) and rule.get("condition") == "service_healthy"}
+    for name in sorted(awaited):
+        if clipsearch_service_of(services[name]) is None:
+            continue  # etcd, MinIO and Milvus: their own images and restart habits
+        policy = str(services[name].get("restart", "no"))
+        match = re.fullmatch(r"on-failure:(\d+)", policy)
+        if policy != "no" and not (match and 1 <= int(match.group(1)) <= 10):
+            problems.append(f"{name}: restart {policy!r} never ends a failed start")
+    return problems
+
+
+def test_a_failed_encoder_start_ends_visibly(project: dict[str, Any]) -> None:
+    assert not restart_problems(project), restart_problems(project)
+    assert project["services"]["encoder"]["restart"].startswith("on-failure:")
+    docs = DEPLOYMENT_DOC.read_text()
+    assert "--wait --wait-timeout" in docs and "docker compose logs -f encoder" in docs
+
+
+def test_restart_check_can_fail(gpu: dict[str, Any]) -> None:
+    looping = json.loads(json.dumps(gpu))
+    looping["services"]["encoder"]["restart"] = "unless-stopped"
+    assert restart_problems(looping) == ["encoder: restart 'unless-stopped' never ends a "
+                                         "failed start"]
+    looping["services"]["encoder"]["restart"] = "on-failure"  # unbounded
+    assert restart_problems(looping)
+
+
+# The programs each image's health check may call (what the image has on every
+# architecture it is published for).
+HEALTH_TOOLS = {"quay.io/coreos/etcd": "etcdctl", "minio/minio": "mc",
+                "milvusdb/milvus": "curl"}
+
+
+def test_health_checks_use_tools_the_images_have(project: dict[str, Any]) -> None:
+    for name, service in project["services"].items():
+        command = health_command(service)
+        program = shlex.split(command[1])[0] if command[0] == "CMD-SHELL" else command[1]
+        if clipsearch_service_of(service):
+            assert program == "clipsearch", f"{name}: {command}"
+            continue
+        repository = service["image"].rsplit(":", 1)[0]
+        assert program == HEALTH_TOOLS[repository], f"{name}: {command}"
+    # MinIO's image has no curl on arm64; `mc ready local` asks the server itself.
+    assert health_command(project["services"]["minio"]) == ["CMD", "mc", "ready", "local"]
+
+
+def host_ips(service: dict[str, Any]) -> list[str]:
+    """The host address of each published port ("" for every interface)."""
+    ips = []
+    for entry in service.get("ports", []):
+        if isinstance(entry, dict):
+            ips.append(str(entry.get("host_ip", "")))
+            continue
+        parts = str(entry).split("/")[0].rsplit(":", 2)
+        ips.append(parts[0].strip("[]") if len(parts) == 3 else "")
+    return ips
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_ports_are_published_on_loopback_unless_asked(variant: str) -> None:
+    for env, expected in (({}, "127.0.0.1"), ({"CLIPSEARCH_PUBLISH_HOST": "0.0.0.0"},
+                                              "0.0.0.0")):
+        project = read_compose(*VARIANTS[variant], env=env)
+        published = {name: host_ips(service) for name, service in project["services"].items()
+                     if service.get("ports")}
+        assert {"search", "standalone"} <= set(published)
+        for name, ips in published.items():
+            assert ips and set(ips) == {expected}, f"{name} publishes on {ips} with {env}"
+    assert "CLIPSEARCH_PUBLISH_HOST" in DEPLOYMENT_DOC.read_text()
+
+
+def test_host_ip_check_can_fail() -> None:
+    assert host_ips({"ports": ["50052:50052", "127.0.0.1:9101:9101", "9000"]}) == \
+        ["", "127.0.0.1", ""]
+    assert host_ips({"ports": ["[::1]:50052:50052", {"target": 1, "host_ip": "10.0.0.1"}]}) == \
+        ["::1", "10.0.0.1"]
+
+
+def test_torch_build_is_a_build_argument() -> None:
+    """PyPI's torch is the CUDA 13.0 build (driver >= 580); another index picks another."""
+    gpu_default = read_compose(COMPOSE)["services"]["encoder"]["build"]["args"]
+    assert gpu_default["TORCH_INDEX_URL"] == ""  # PyPI: the CUDA 13.0 build
+    cu126 = "https://download.pytorch.org/whl/cu126"
+    for files in VARIANTS.values():
+        chosen = read_compose(*files, env={"CLIPSEARCH_TORCH_INDEX_URL": cu126})
+        assert chosen["services"]["encoder"]["build"]["args"]["TORCH_INDEX_URL"] == cu126
+    final = final_stage(dockerfile_instructions(DOCKERFILES["encoder"]))
+    assert ("ARG", "TORCH_INDEX_URL=") in final
+    assert any(k == "RUN" and "TORCH_INDEX_URL" in rest and "torch==" in rest
+               for k, rest in final)
+    docs = DEPLOYMENT_DOC.read_text()
+    assert "CLIPSEARCH_TORCH_INDEX_URL" in docs and "580" in docs and "Turing" in docs
+
+
+def test_every_compose_variable_is_documented() -> None:
+    docs = DEPLOYMENT_DOC.read_text()
+    names = {m.group("name") or m.group("bare")
+             for path in (COMPOSE, COMPOSE_CPU) for m in _VARIABLE.finditer(path.read_text())
+             if m.group(0) != "$$"}
+    assert names >= {"CLIPSEARCH_PUBLISH_HOST", "CLIPSEARCH_TORCH_INDEX_URL",
+                     "CLIPSEARCH_WEIGHTS_MIRROR"}
+    missing = sorted(name for name in names if f"`{name}`" not in docs)
+    assert not missing, f"compose variables not in docs/deployment.md: {missing}"
