@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!clipsearch/search/v1/search.proto\x12\x14\x63lipsearch.search.v1\">\n\tIndexItem\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\"\xdc\x01\n\x0bIndexResult\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\n\n\x02id\x18\x02 \x01(\t\x12\x38\n\x06status\x18\x03 \x01(\x0e\x32(.clipsearch.search.v1.IndexResult.Status\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nerror_code\x18\x05 \x01(\x05\x12\x0b\n\x03uri\x18\x06 \x01(\t\"E\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\t\n\x05\x41\x44\x44\x45\x44\x10\x01\x12\x0c\n\x08\x45XISTING\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\"g\n\x06\x46ilter\x12\x12\n\nuri_prefix\x18\x01 \x01(\t\x12\x35\n\x08metadata\x18\x02 \x03(\x0b\x32#.clipsearch.search.v1.MetadataMatch\x12\x12\n\nexpression\x18\x03 \x01(\t\",\n\rMetadataMatch\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"^\n\x11SearchTextRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12,\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x1c.clipsearch.search.v1.Filter\"`\n\x12SearchImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12,\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x1c.clipsearch.search.v1.Filter\"w\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0b\n\x03uri\x18\x03 \x01(\t\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x12\n\nindexed_at\x18\x07 \x01(\x03\"9\n\x0eSearchResponse\x12\'\n\x04hits\x18\x01 \x03(\x0b\x32\x19.clipsearch.search.v1.Hit\"J\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12,\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x1c.clipsearch.search.v1.Filter\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\"\x0e\n\x0cStatsRequest\"\x94\x01\n\rStatsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x12\n\ncollection\x18\x05 \x01(\t\x12\x12\n\nindex_type\x18\x06 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x07 \x01(\t2\xbc\x03\n\x06Search\x12O\n\x05Index\x12\x1f.clipsearch.search.v1.IndexItem\x1a!.clipsearch.search.v1.IndexResult(\x01\x30\x01\x12[\n\nSearchText\x12\'.clipsearch.search.v1.SearchTextRequest\x1a$.clipsearch.search.v1.SearchResponse\x12]\n\x0bSearchImage\x12(.clipsearch.search.v1.SearchImageRequest\x1a$.clipsearch.search.v1.SearchResponse\x12S\n\x06\x44\x65lete\x12#.clipsearch.search.v1.DeleteRequest\x1a$.clipsearch.search.v1.DeleteResponse\x12P\n\x05Stats\x12\".clipsearch.search.v1.StatsRequest\x1a#.clipsearch.search.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!clipsearch/search/v1/search.proto\x12\x14\x63lipsearch.search.v1\">\n\tIndexItem\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\"\xdc\x01\n\x0bIndexResult\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\n\n\x02id\x18\x02 \x01(\t\x12\x38\n\x06status\x18\x03 \x01(\x0e\x32(.clipsearch.search.v1.IndexResult.Status\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nerror_code\x18\x05 \x01(\x05\x12\x0b\n\x03uri\x18\x06 \x01(\t\"E\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\t\n\x05\x41\x44\x44\x45\x44\x10\x01\x12\x0c\n\x08\x45XISTING\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\"g\n\x06\x46ilter\x12\x12\n\nuri_prefix\x18\x01 \x01(\t\x12\x35\n\x08metadata\x18\x02 \x03(\x0b\x32#.clipsearch.search.v1.MetadataMatch\x12\x12\n\nexpression\x18\x03 \x01(\t\",\n\rMetadataMatch\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"\xc7\x01\n\x11SearchTextRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12,\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x1c.clipsearch.search.v1.Filter\x12\x16\n\tmin_score\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x1a\n\x12\x63ollapse_threshold\x18\x07 \x01(\x02\x42\x0c\n\n_min_score\"\xc9\x01\n\x12SearchImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12,\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x1c.clipsearch.search.v1.Filter\x12\x16\n\tmin_score\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x1a\n\x12\x63ollapse_threshold\x18\x07 \x01(\x02\x42\x0c\n\n_min_score\"w\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0b\n\x03uri\x18\x03 \x01(\t\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x12\n\nindexed_at\x18\x07 \x01(\x03\"R\n\x0eSearchResponse\x12\'\n\x04hits\x18\x01 \x03(\x0b\x32\x19.clipsearch.search.v1.Hit\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xc8\x01\n\x14SearchSimilarRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12,\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x1c.clipsearch.search.v1.Filter\x12\x16\n\tmin_score\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x1a\n\x12\x63ollapse_threshold\x18\x07 \x01(\x02\x42\x0c\n\n_min_score\"b\n\tQueryPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x0c\n\x02id\x18\x03 \x01(\tH\x00\x12\x13\n\x06weight\x18\x04 \x01(\x02H\x01\x88\x01\x01\x42\x06\n\x04partB\t\n\x07_weight\"\xed\x01\n\x15SearchCombinedRequest\x12.\n\x05parts\x18\x01 \x03(\x0b\x32\x1f.clipsearch.search.v1.QueryPart\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12,\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x1c.clipsearch.search.v1.Filter\x12\x16\n\tmin_score\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x1a\n\x12\x63ollapse_threshold\x18\x07 \x01(\x02\x42\x0c\n\n_min_score\"/\n\nGetRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x14\n\x0cwith_vectors\x18\x02 \x01(\x08\"\x7f\n\nStoredItem\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x12\n\nindexed_at\x18\x06 \x01(\x03\x12\x0e\n\x06vector\x18\x07 \x03(\x02\"Q\n\x0bGetResponse\x12/\n\x05items\x18\x01 \x03(\x0b\x32 .clipsearch.search.v1.StoredItem\x12\x11\n\tnot_found\x18\x02 \x03(\t\"X\n\x15\x46indDuplicatesRequest\x12\x11\n\tthreshold\x18\x01 \x01(\x02\x12,\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x1c.clipsearch.search.v1.Filter\"<\n\x0e\x44uplicateGroup\x12*\n\x07members\x18\x01 \x03(\x0b\x32\x19.clipsearch.search.v1.Hit\"J\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12,\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x1c.clipsearch.search.v1.Filter\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\"\x0e\n\x0cStatsRequest\"\x94\x01\n\rStatsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x12\n\ncollection\x18\x05 \x01(\t\x12\x12\n\nindex_type\x18\x06 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x07 \x01(\t2\xb7\x06\n\x06Search\x12O\n\x05Index\x12\x1f.clipsearch.search.v1.IndexItem\x1a!.clipsearch.search.v1.IndexResult(\x01\x30\x01\x12[\n\nSearchText\x12\'.clipsearch.search.v1.SearchTextRequest\x1a$.clipsearch.search.v1.SearchResponse\x12]\n\x0bSearchImage\x12(.clipsearch.search.v1.SearchImageRequest\x1a$.clipsearch.search.v1.SearchResponse\x12S\n\x06\x44\x65lete\x12#.clipsearch.search.v1.DeleteRequest\x1a$.clipsearch.search.v1.DeleteResponse\x12P\n\x05Stats\x12\".clipsearch.search.v1.StatsRequest\x1a#.clipsearch.search.v1.StatsResponse\x12\x61\n\rSearchSimilar\x12*.clipsearch.search.v1.SearchSimilarRequest\x1a$.clipsearch.search.v1.SearchResponse\x12\x63\n\x0eSearchCombined\x12+.clipsearch.search.v1.SearchCombinedRequest\x1a$.clipsearch.search.v1.SearchResponse\x12J\n\x03Get\x12 .clipsearch.search.v1.GetRequest\x1a!.clipsearch.search.v1.GetResponse\x12\x65\n\x0e\x46indDuplicates\x12+.clipsearch.search.v1.FindDuplicatesRequest\x1a$.clipsearch.search.v1.DuplicateGroup0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,22 +41,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILTER']._serialized_end=449
   _globals['_METADATAMATCH']._serialized_start=451
   _globals['_METADATAMATCH']._serialized_end=495
-  _globals['_SEARCHTEXTREQUEST']._serialized_start=497
-  _globals['_SEARCHTEXTREQUEST']._serialized_end=591
-  _globals['_SEARCHIMAGEREQUEST']._serialized_start=593
-  _globals['_SEARCHIMAGEREQUEST']._serialized_end=689
-  _globals['_HIT']._serialized_start=691
-  _globals['_HIT']._serialized_end=810
-  _globals['_SEARCHRESPONSE']._serialized_start=812
-  _globals['_SEARCHRESPONSE']._serialized_end=869
-  _globals['_DELETEREQUEST']._serialized_start=871
-  _globals['_DELETEREQUEST']._serialized_end=945
-  _globals['_DELETERESPONSE']._serialized_start=947
-  _globals['_DELETERESPONSE']._serialized_end=980
-  _globals['_STATSREQUEST']._serialized_start=982
-  _globals['_STATSREQUEST']._serialized_end=996
-  _globals['_STATSRESPONSE']._serialized_start=999
-  _globals['_STATSRESPONSE']._serialized_end=1147
-  _globals['_SEARCH']._serialized_start=1150
-  _globals['_SEARCH']._serialized_end=1594
+  _globals['_SEARCHTEXTREQUEST']._serialized_start=498
+  _globals['_SEARCHTEXTREQUEST']._serialized_end=697
+  _globals['_SEARCHIMAGEREQUEST']._serialized_start=700
+  _globals['_SEARCHIMAGEREQUEST']._serialized_end=901
+  _globals['_HIT']._serialized_start=903
+  _globals['_HIT']._serialized_end=1022
+  _globals['_SEARCHRESPONSE']._serialized_start=1024
+  _globals['_SEARCHRESPONSE']._serialized_end=1106
+  _globals['_SEARCHSIMILARREQUEST']._serialized_start=1109
+  _globals['_SEARCHSIMILARREQUEST']._serialized_end=1309
+  _globals['_QUERYPART']._serialized_start=1311
+  _globals['_QUERYPART']._serialized_end=1409
+  _globals['_SEARCHCOMBINEDREQUEST']._serialized_start=1412
+  _globals['_SEARCHCOMBINEDREQUEST']._serialized_end=1649
+  _globals['_GETREQUEST']._serialized_start=1651
+  _globals['_GETREQUEST']._serialized_end=1698
+  _globals['_STOREDITEM']._serialized_start=1700
+  _globals['_STOREDITEM']._serialized_end=1827
+  _globals['_GETRESPONSE']._serialized_start=1829
+  _globals['_GETRESPONSE']._serialized_end=1910
+  _globals['_FINDDUPLICATESREQUEST']._serialized_start=1912
+  _globals['_FINDDUPLICATESREQUEST']._serialized_end=2000
+  _globals['_DUPLICATEGROUP']._serialized_start=2002
+  _globals['_DUPLICATEGROUP']._serialized_end=2062
+  _globals['_DELETEREQUEST']._serialized_start=2064
+  _globals['_DELETEREQUEST']._serialized_end=2138
+  _globals['_DELETERESPONSE']._serialized_start=2140
+  _globals['_DELETERESPONSE']._serialized_end=2173
+  _globals['_STATSREQUEST']._serialized_start=2175
+  _globals['_STATSREQUEST']._serialized_end=2189
+  _globals['_STATSRESPONSE']._serialized_start=2192
+  _globals['_STATSRESPONSE']._serialized_end=2340
+  _globals['_SEARCH']._serialized_start=2343
+  _globals['_SEARCH']._serialized_end=3166
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,17 @@ with metadata; search encodes the query and asks Milvus for the nearest.
 Error semantics (gRPC status of the whole call):
   INVALID_ARGUMENT    a malformed request: top_k outside 1..max_top_k, an
                       empty query, a filter that does not parse, metadata
-                      that is not a JSON object, an unknown field.
+                      that is not a JSON object, an unknown field; min_score
+                      outside [-1, 1]; page_size outside 0..max_top_k; a
+                      page_token that is malformed or from another query;
+                      a page past the deepest reachable position (16384);
+                      collapse_threshold outside [0, 1]; a combined query
+                      with no parts (or over 16), a non-finite weight, all
+                      weights zero or a zero-length sum; an empty id; Get
+                      with no ids or over 1000; a FindDuplicates threshold
+                      outside (0, 1].
+  NOT_FOUND           SearchSimilar, or an id part of SearchCombined, names
+                      an id that is not stored.
   PERMISSION_DENIED   a raw filter expression while the service does not
                       allow them (--allow-raw-filters).
   UNAVAILABLE         the encoder or Milvus cannot be reached; the message
@@ -37,6 +47,21 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class IndexItem(_message.Message):
+    """Paging, relevance cut-off and collapsing: the same fields on every search.
+
+    Pages follow Google's AIP-158. A page holds page_size hits (top_k when
+    page_size is 0); next_page_token is set when more hits follow and is empty on
+    the last page. Tokens are opaque and stateless: they carry the position and a
+    hash of the query (RPC, text / image / parts / id, filter, min_score,
+    collapse_threshold and the collection's model), so a token used with any
+    other query is INVALID_ARGUMENT; page_size may change between pages. While
+    nothing is written, the pages concatenated equal one exact top-N (no
+    duplicates, no gaps; rows of exactly equal score keep Milvus's order).
+    Milvus serves positions up to offset + limit = 16384: a page that would end
+    past position 16384 is cut there, and nothing past it is reachable (narrow
+    the query with a filter or min_score instead).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     IMAGE_FIELD_NUMBER: _builtins.int
@@ -194,10 +219,28 @@ class SearchTextRequest(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
+    MIN_SCORE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    COLLAPSE_THRESHOLD_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The query, non-empty UTF-8 ("a white dog")."""
     top_k: _builtins.int
     """How many hits, 1..max_top_k (1000 by default); 0 means 10."""
+    min_score: _builtins.float
+    """Only hits with cosine similarity >= min_score (in [-1, 1]); unset: no
+    cut-off. Done by Milvus (range search): a page is full whenever enough
+    rows qualify.
+    """
+    page_size: _builtins.int
+    """Hits per page, 0..max_top_k; 0 means top_k. Asking for pages."""
+    page_token: _builtins.str
+    """next_page_token of the previous page of this same query; empty: page 1."""
+    collapse_threshold: _builtins.float
+    """When > 0 (at most 1): collapse near-identical hits. Going down the ranked
+    list, a hit whose cosine to a hit already kept is >= collapse_threshold is
+    left out, so each group of near-copies shows only its best hit.
+    """
     @_builtins.property
     def filter(self) -> Global___Filter: ...
     def __init__(
@@ -206,12 +249,18 @@ class SearchTextRequest(_message.Message):
         text: _builtins.str = ...,
         top_k: _builtins.int = ...,
         filter: Global___Filter | None = ...,
+        min_score: _builtins.float | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        collapse_threshold: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "filter", b"filter", "min_score", b"min_score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "text", b"text", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "collapse_threshold", b"collapse_threshold", "filter", b"filter", "min_score", b"min_score", "page_size", b"page_size", "page_token", b"page_token", "text", b"text", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__min_score: _TypeAlias = _typing.Literal["min_score"]  # noqa: Y015
+    _WhichOneofArgType__min_score: _TypeAlias = _typing.Literal["_min_score", b"_min_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_score) -> _WhichOneofReturnType__min_score | None: ...
 
 Global___SearchTextRequest: _TypeAlias = SearchTextRequest  # noqa: Y015
 
@@ -222,10 +271,19 @@ class SearchImageRequest(_message.Message):
     IMAGE_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
+    MIN_SCORE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    COLLAPSE_THRESHOLD_FIELD_NUMBER: _builtins.int
     image: _builtins.bytes
     """The complete bytes of an encoded image file."""
     top_k: _builtins.int
     """As in SearchTextRequest."""
+    min_score: _builtins.float
+    """min_score, page_size, page_token, collapse_threshold: as in SearchTextRequest."""
+    page_size: _builtins.int
+    page_token: _builtins.str
+    collapse_threshold: _builtins.float
     @_builtins.property
     def filter(self) -> Global___Filter: ...
     def __init__(
@@ -234,12 +292,18 @@ class SearchImageRequest(_message.Message):
         image: _builtins.bytes = ...,
         top_k: _builtins.int = ...,
         filter: Global___Filter | None = ...,
+        min_score: _builtins.float | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        collapse_threshold: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "filter", b"filter", "min_score", b"min_score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "image", b"image", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "collapse_threshold", b"collapse_threshold", "filter", b"filter", "image", b"image", "min_score", b"min_score", "page_size", b"page_size", "page_token", b"page_token", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__min_score: _TypeAlias = _typing.Literal["min_score"]  # noqa: Y015
+    _WhichOneofArgType__min_score: _TypeAlias = _typing.Literal["_min_score", b"_min_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_score) -> _WhichOneofReturnType__min_score | None: ...
 
 Global___SearchImageRequest: _TypeAlias = SearchImageRequest  # noqa: Y015
 
@@ -289,22 +353,310 @@ class SearchResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HITS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The page_token of the next page; empty when this is the last page (or the
+    request neither set page_size nor sent a page_token).
+    """
     @_builtins.property
     def hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___Hit]:
-        """Best first, at most top_k."""
+        """Best first, at most top_k (page_size when paging)."""
 
     def __init__(
         self,
         *,
         hits: _abc.Iterable[Global___Hit] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hits", b"hits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hits", b"hits", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SearchResponse: _TypeAlias = SearchResponse  # noqa: Y015
+
+@_typing.final
+class SearchSimilarRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    MIN_SCORE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    COLLAPSE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The stored image's id (sha256 hex). It is never among its own hits."""
+    top_k: _builtins.int
+    """As in SearchTextRequest."""
+    min_score: _builtins.float
+    page_size: _builtins.int
+    page_token: _builtins.str
+    collapse_threshold: _builtins.float
+    @_builtins.property
+    def filter(self) -> Global___Filter: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        top_k: _builtins.int = ...,
+        filter: Global___Filter | None = ...,
+        min_score: _builtins.float | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        collapse_threshold: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "filter", b"filter", "min_score", b"min_score"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "collapse_threshold", b"collapse_threshold", "filter", b"filter", "id", b"id", "min_score", b"min_score", "page_size", b"page_size", "page_token", b"page_token", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__min_score: _TypeAlias = _typing.Literal["min_score"]  # noqa: Y015
+    _WhichOneofArgType__min_score: _TypeAlias = _typing.Literal["_min_score", b"_min_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_score) -> _WhichOneofReturnType__min_score | None: ...
+
+Global___SearchSimilarRequest: _TypeAlias = SearchSimilarRequest  # noqa: Y015
+
+@_typing.final
+class QueryPart(_message.Message):
+    """One part of a combined query: a text, image bytes or a stored image's id,
+    with a weight. The query vector is the weighted sum of the parts' unit
+    vectors, divided by its length: q = sum(w_i * v_i) / |sum(w_i * v_i)|.
+    A negative weight pushes the results away from that part.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """A text (as SearchTextRequest.text)."""
+    image: _builtins.bytes
+    """The complete bytes of an encoded image file."""
+    id: _builtins.str
+    """A stored image's id; its stored vector is used (NOT_FOUND if unknown)."""
+    weight: _builtins.float
+    """Any finite number; unset means 1.0 (an explicit 0 counts as zero)."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        image: _builtins.bytes = ...,
+        id: _builtins.str = ...,
+        weight: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "id", b"id", "image", b"image", "part", b"part", "text", b"text", "weight", b"weight"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "id", b"id", "image", b"image", "part", b"part", "text", b"text", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__weight: _TypeAlias = _typing.Literal["weight"]  # noqa: Y015
+    _WhichOneofArgType__weight: _TypeAlias = _typing.Literal["_weight", b"_weight"]  # noqa: Y015
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["text", "image", "id"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__weight) -> _WhichOneofReturnType__weight | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___QueryPart: _TypeAlias = QueryPart  # noqa: Y015
+
+@_typing.final
+class SearchCombinedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTS_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    MIN_SCORE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    COLLAPSE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    top_k: _builtins.int
+    """As in SearchTextRequest."""
+    min_score: _builtins.float
+    page_size: _builtins.int
+    page_token: _builtins.str
+    collapse_threshold: _builtins.float
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueryPart]:
+        """1..16 parts. All texts go to the encoder in one call, all images in one.
+        Weights all zero, or parts that cancel out (a sum of length < 1e-6),
+        are INVALID_ARGUMENT.
+        """
+
+    @_builtins.property
+    def filter(self) -> Global___Filter: ...
+    def __init__(
+        self,
+        *,
+        parts: _abc.Iterable[Global___QueryPart] | None = ...,
+        top_k: _builtins.int = ...,
+        filter: Global___Filter | None = ...,
+        min_score: _builtins.float | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        collapse_threshold: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "filter", b"filter", "min_score", b"min_score"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "collapse_threshold", b"collapse_threshold", "filter", b"filter", "min_score", b"min_score", "page_size", b"page_size", "page_token", b"page_token", "parts", b"parts", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__min_score: _TypeAlias = _typing.Literal["min_score"]  # noqa: Y015
+    _WhichOneofArgType__min_score: _TypeAlias = _typing.Literal["_min_score", b"_min_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_score) -> _WhichOneofReturnType__min_score | None: ...
+
+Global___SearchCombinedRequest: _TypeAlias = SearchCombinedRequest  # noqa: Y015
+
+@_typing.final
+class GetRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    WITH_VECTORS_FIELD_NUMBER: _builtins.int
+    with_vectors: _builtins.bool
+    """Also return each image's stored vector."""
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """1..1000 ids (sha256 hex); repeats are answered once."""
+
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+        with_vectors: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "with_vectors", b"with_vectors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRequest: _TypeAlias = GetRequest  # noqa: Y015
+
+@_typing.final
+class StoredItem(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    URI_FIELD_NUMBER: _builtins.int
+    METADATA_JSON_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    INDEXED_AT_FIELD_NUMBER: _builtins.int
+    VECTOR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    uri: _builtins.str
+    metadata_json: _builtins.str
+    """The metadata JSON object given at index time ("{}" when none)."""
+    width: _builtins.int
+    height: _builtins.int
+    indexed_at: _builtins.int
+    """When it was indexed, seconds since the epoch."""
+    @_builtins.property
+    def vector(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The stored unit vector; only when with_vectors was set."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        uri: _builtins.str = ...,
+        metadata_json: _builtins.str = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        indexed_at: _builtins.int = ...,
+        vector: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "id", b"id", "indexed_at", b"indexed_at", "metadata_json", b"metadata_json", "uri", b"uri", "vector", b"vector", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredItem: _TypeAlias = StoredItem  # noqa: Y015
+
+@_typing.final
+class GetResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    NOT_FOUND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredItem]:
+        """The stored images among the ids, in the order first asked."""
+
+    @_builtins.property
+    def not_found(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids asked for that are not stored, in the order asked."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___StoredItem] | None = ...,
+        not_found: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "not_found", b"not_found"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetResponse: _TypeAlias = GetResponse  # noqa: Y015
+
+@_typing.final
+class FindDuplicatesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    threshold: _builtins.float
+    """Cosine similarity at or above which two images are near-duplicates, in
+    (0, 1]. 0 means 0.95. See the README for how a threshold was chosen.
+    """
+    @_builtins.property
+    def filter(self) -> Global___Filter:
+        """Only images matching this filter are compared (with each other)."""
+
+    def __init__(
+        self,
+        *,
+        threshold: _builtins.float = ...,
+        filter: Global___Filter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FindDuplicatesRequest: _TypeAlias = FindDuplicatesRequest  # noqa: Y015
+
+@_typing.final
+class DuplicateGroup(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___Hit]:
+        """Two or more images, sorted by id. Each Hit's score is its highest cosine
+        similarity to another member of the group.
+        """
+
+    def __init__(
+        self,
+        *,
+        members: _abc.Iterable[Global___Hit] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["members", b"members"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DuplicateGroup: _TypeAlias = DuplicateGroup  # noqa: Y015
 
 @_typing.final
 class DeleteRequest(_message.Message):

@@ -59,6 +59,26 @@ class SearchStub:
                 request_serializer=clipsearch_dot_search_dot_v1_dot_search__pb2.StatsRequest.SerializeToString,
                 response_deserializer=clipsearch_dot_search_dot_v1_dot_search__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.SearchSimilar = channel.unary_unary(
+                '/clipsearch.search.v1.Search/SearchSimilar',
+                request_serializer=clipsearch_dot_search_dot_v1_dot_search__pb2.SearchSimilarRequest.SerializeToString,
+                response_deserializer=clipsearch_dot_search_dot_v1_dot_search__pb2.SearchResponse.FromString,
+                _registered_method=True)
+        self.SearchCombined = channel.unary_unary(
+                '/clipsearch.search.v1.Search/SearchCombined',
+                request_serializer=clipsearch_dot_search_dot_v1_dot_search__pb2.SearchCombinedRequest.SerializeToString,
+                response_deserializer=clipsearch_dot_search_dot_v1_dot_search__pb2.SearchResponse.FromString,
+                _registered_method=True)
+        self.Get = channel.unary_unary(
+                '/clipsearch.search.v1.Search/Get',
+                request_serializer=clipsearch_dot_search_dot_v1_dot_search__pb2.GetRequest.SerializeToString,
+                response_deserializer=clipsearch_dot_search_dot_v1_dot_search__pb2.GetResponse.FromString,
+                _registered_method=True)
+        self.FindDuplicates = channel.unary_stream(
+                '/clipsearch.search.v1.Search/FindDuplicates',
+                request_serializer=clipsearch_dot_search_dot_v1_dot_search__pb2.FindDuplicatesRequest.SerializeToString,
+                response_deserializer=clipsearch_dot_search_dot_v1_dot_search__pb2.DuplicateGroup.FromString,
+                _registered_method=True)
 
 
 class SearchServicer:
@@ -101,6 +121,40 @@ class SearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchSimilar(self, request, context):
+        """More like a stored image: searches with the image's stored vector (no image
+        bytes, no encoder call) and leaves the image itself out of the hits.
+        NOT_FOUND when no image has the id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchCombined(self, request, context):
+        """Searches with a query made of weighted parts (texts, images, stored ids).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Get(self, request, context):
+        """Stored images by id, and which ids are not stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindDuplicates(self, request, context):
+        """Groups of near-duplicate images (connected components of the graph whose
+        edges join images at cosine >= threshold), one message per group of two or
+        more, largest first, once the scan is complete. Memory is bounded by the
+        images that have a near-duplicate, not by the collection's size; time grows
+        with the square of the rows compared (FLAT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SearchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +182,26 @@ def add_SearchServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=clipsearch_dot_search_dot_v1_dot_search__pb2.StatsRequest.FromString,
                     response_serializer=clipsearch_dot_search_dot_v1_dot_search__pb2.StatsResponse.SerializeToString,
+            ),
+            'SearchSimilar': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchSimilar,
+                    request_deserializer=clipsearch_dot_search_dot_v1_dot_search__pb2.SearchSimilarRequest.FromString,
+                    response_serializer=clipsearch_dot_search_dot_v1_dot_search__pb2.SearchResponse.SerializeToString,
+            ),
+            'SearchCombined': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchCombined,
+                    request_deserializer=clipsearch_dot_search_dot_v1_dot_search__pb2.SearchCombinedRequest.FromString,
+                    response_serializer=clipsearch_dot_search_dot_v1_dot_search__pb2.SearchResponse.SerializeToString,
+            ),
+            'Get': grpc.unary_unary_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=clipsearch_dot_search_dot_v1_dot_search__pb2.GetRequest.FromString,
+                    response_serializer=clipsearch_dot_search_dot_v1_dot_search__pb2.GetResponse.SerializeToString,
+            ),
+            'FindDuplicates': grpc.unary_stream_rpc_method_handler(
+                    servicer.FindDuplicates,
+                    request_deserializer=clipsearch_dot_search_dot_v1_dot_search__pb2.FindDuplicatesRequest.FromString,
+                    response_serializer=clipsearch_dot_search_dot_v1_dot_search__pb2.DuplicateGroup.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +339,114 @@ class Search:
             '/clipsearch.search.v1.Search/Stats',
             clipsearch_dot_search_dot_v1_dot_search__pb2.StatsRequest.SerializeToString,
             clipsearch_dot_search_dot_v1_dot_search__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchSimilar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipsearch.search.v1.Search/SearchSimilar',
+            clipsearch_dot_search_dot_v1_dot_search__pb2.SearchSimilarRequest.SerializeToString,
+            clipsearch_dot_search_dot_v1_dot_search__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchCombined(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipsearch.search.v1.Search/SearchCombined',
+            clipsearch_dot_search_dot_v1_dot_search__pb2.SearchCombinedRequest.SerializeToString,
+            clipsearch_dot_search_dot_v1_dot_search__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipsearch.search.v1.Search/Get',
+            clipsearch_dot_search_dot_v1_dot_search__pb2.GetRequest.SerializeToString,
+            clipsearch_dot_search_dot_v1_dot_search__pb2.GetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindDuplicates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clipsearch.search.v1.Search/FindDuplicates',
+            clipsearch_dot_search_dot_v1_dot_search__pb2.FindDuplicatesRequest.SerializeToString,
+            clipsearch_dot_search_dot_v1_dot_search__pb2.DuplicateGroup.FromString,
             options,
             channel_credentials,
             insecure,
