@@ -13,6 +13,7 @@ from client.errors import (
     Unauthenticated,
     Unavailable,
 )
+from client.queries import GetResult, Page, Part, Similar, StoredItem
 from client.search import (
     Filter,
     Hit,
@@ -31,6 +32,7 @@ __all__ = [
     "EncoderClient",
     "FailedPrecondition",
     "Filter",
+    "GetResult",
     "Hit",
     "IndexFailure",
     "IndexItem",
@@ -39,10 +41,14 @@ __all__ = [
     "ItemsFailed",
     "ModelInfo",
     "NotFound",
+    "Page",
+    "Part",
     "PermissionDenied",
     "ResourceExhausted",
     "SearchClient",
+    "Similar",
     "Stats",
+    "StoredItem",
     "Unauthenticated",
     "Unavailable",
     "image_files",

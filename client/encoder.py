@@ -13,6 +13,9 @@ from client.channel import ClientOptions, StubClient
 from client.errors import ItemsFailed, from_rpc_error
 from clipsearch.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 
+# The name the encoder reports health under, beside "" (clipsearch.serving.Service).
+ENCODER_SERVICE = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -26,6 +29,7 @@ class ModelInfo:
     context_length: int
     image_resolution: int
     fingerprint: str
+    device_note: str = ""  # why `--device auto` runs on the CPU, when it does
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,9 @@ class EncoderClient(StubClient):
     (1, 512)
     """
 
+    # Calls go only to replicas whose model is loaded (what the encoder reports SERVING).
+    health_service = ENCODER_SERVICE
+
     def __init__(self, address: str, **options: Unpack[ClientOptions]) -> None:
         super().__init__(address, **options)
         self._stub = encoder_pb2_grpc.EncoderStub(self._channel)
@@ -77,7 +84,8 @@ class EncoderClient(StubClient):
                 raise from_rpc_error(exc) from None
             self._info = ModelInfo(info.name, info.dimension, info.device, info.precision,
                                    info.max_batch, info.max_delay_ms, info.max_items_per_call,
-                                   info.context_length, info.image_resolution, info.fingerprint)
+                                   info.context_length, info.image_resolution, info.fingerprint,
+                                   info.device_note)
         return self._info
 
     def encode_texts_results(self, texts: Sequence[str]) -> EncodeResults:

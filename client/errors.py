@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 
@@ -39,7 +41,11 @@ class Unavailable(ClipsearchError):
 
 
 class ResourceExhausted(ClipsearchError):
+    """Over a limit. `.retry_after_s`: the service's hint (its `retry-after-ms` trailing
+    metadata, sent for per-caller rate and concurrency limits), or None."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    retry_after_s: float | None = None
 
 
 class DeadlineExceeded(ClipsearchError):
@@ -72,4 +78,22 @@ def from_rpc_error(error: grpc.RpcError) -> ClipsearchError:
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
     cls = _BY_CODE.get(code, ClipsearchError)
-    return cls(details or code.name, code)
+    if code == grpc.StatusCode.UNAVAILABLE and "backend unhealthy" in (details or ""):
+        # The channel's health checking held the call back: no address reports SERVING.
+        details = (f"no server at this address reports SERVING yet (still loading its "
+                   f"model, or stopping): {details}")
+    typed = cls(details or code.name, code)
+    if isinstance(typed, ResourceExhausted):
+        typed.retry_after_s = _retry_after_s(error)
+    return typed
+
+
+def _retry_after_s(error: grpc.RpcError) -> float | None:
+    trailing: Any = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == "retry-after-ms":
+            try:
+                return int(str(value)) / 1000
+            except (TypeError, ValueError):
+                return None
+    return None

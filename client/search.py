@@ -12,6 +12,7 @@ import grpc
 
 from client.channel import ClientOptions, StubClient
 from client.errors import ClipsearchError, from_rpc_error
+from client.queries import GetResult, Page, Part, Query, Similar, StoredItem, search_request
 from clipsearch.search.v1 import search_pb2, search_pb2_grpc
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -130,19 +131,81 @@ class SearchClient(StubClient):
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    def search_text(self, text: str, top_k: int = 10,
-                    filter: Filter | str | None = None) -> list[Hit]:
-        """The top_k images nearest to `text`, best first."""
-        response = self._unary(self._stub.SearchText, search_pb2.SearchTextRequest(
-            text=text, top_k=top_k, filter=_filter_proto(filter)))
-        return [Hit.from_proto(h) for h in response.hits]
+    def search_text(self, text: str, top_k: int = 10, filter: Filter | str | None = None, *,
+                    min_score: float | None = None,
+                    collapse_threshold: float = 0.0) -> list[Hit]:
+        """The top_k images nearest to `text`, best first (only those with cosine >=
+        min_score; near-copies collapsed at collapse_threshold when > 0)."""
+        return self.search_page(text, top_k, filter=filter, min_score=min_score,
+                                collapse_threshold=collapse_threshold).hits
 
-    def search_image(self, image: bytes, top_k: int = 10,
-                     filter: Filter | str | None = None) -> list[Hit]:
+    def search_image(self, image: bytes, top_k: int = 10, filter: Filter | str | None = None,
+                     *, min_score: float | None = None,
+                     collapse_threshold: float = 0.0) -> list[Hit]:
         """The top_k images nearest to an encoded image (reverse image search)."""
-        response = self._unary(self._stub.SearchImage, search_pb2.SearchImageRequest(
-            image=image, top_k=top_k, filter=_filter_proto(filter)))
-        return [Hit.from_proto(h) for h in response.hits]
+        return self.search_page(image, top_k, filter=filter, min_score=min_score,
+                                collapse_threshold=collapse_threshold).hits
+
+    def search_similar(self, id: str, top_k: int = 10, filter: Filter | str | None = None,
+                       *, min_score: float | None = None,
+                       collapse_threshold: float = 0.0) -> list[Hit]:
+        """More like the stored image `id` (its stored vector, no encoder call); the
+        image itself is never among the hits. NotFound for an unknown id."""
+        return self.search_page(Similar(id), top_k, filter=filter, min_score=min_score,
+                                collapse_threshold=collapse_threshold).hits
+
+    def search_combined(self, parts: Sequence[Part], top_k: int = 10,
+                        filter: Filter | str | None = None, *, min_score: float | None = None,
+                        collapse_threshold: float = 0.0) -> list[Hit]:
+        """The images nearest to the normalised weighted sum of the parts' vectors."""
+        return self.search_page(list(parts), top_k, filter=filter, min_score=min_score,
+                                collapse_threshold=collapse_threshold).hits
+
+    def search_page(self, query: Query, page_size: int = 10, page_token: str = "", *,
+                    filter: Filter | str | None = None, min_score: float | None = None,
+                    collapse_threshold: float = 0.0, paged: bool = False) -> Page:
+        """One page of hits for a query: a text, image bytes, `Similar(id)` or a list of
+        `Part`s. A page_token (or paged=True) asks for pages: the result's
+        next_page_token then leads on, "" on the last page."""
+        method, request = search_request(
+            query, page_size if not (paged or page_token) else 0, _filter_proto(filter),
+            page_size if (paged or page_token) else 0, page_token, min_score,
+            collapse_threshold)
+        response = self._unary(getattr(self._stub, method), request)
+        return Page([Hit.from_proto(h) for h in response.hits], response.next_page_token)
+
+    def search_pages(self, query: Query, page_size: int = 100, *,
+                     filter: Filter | str | None = None, min_score: float | None = None,
+                     collapse_threshold: float = 0.0) -> Iterator[Page]:
+        """Every page of a query in turn, until the last (or the deepest reachable
+        position, 16384)."""
+        token = ""
+        while True:
+            page = self.search_page(query, page_size, token, filter=filter,
+                                    min_score=min_score, collapse_threshold=collapse_threshold,
+                                    paged=True)
+            yield page
+            token = page.next_page_token
+            if not token:
+                return
+
+    def get(self, ids: Sequence[str], with_vectors: bool = False) -> GetResult:
+        """Stored rows by id (vectors only when asked) and the ids not stored."""
+        response = self._unary(self._stub.Get, search_pb2.GetRequest(
+            ids=list(ids), with_vectors=with_vectors))
+        return GetResult([StoredItem.from_proto(i) for i in response.items],
+                         list(response.not_found))
+
+    def find_duplicates(self, threshold: float = 0.95,
+                        filter: Filter | str | None = None) -> Iterator[list[Hit]]:
+        """Groups of near-duplicates (cosine >= threshold, connected components), largest
+        first; each Hit's score is its best cosine to another member."""
+        try:
+            for group in self._stub.FindDuplicates(search_pb2.FindDuplicatesRequest(
+                    threshold=threshold, filter=_filter_proto(filter)), timeout=self.timeout_s):
+                yield [Hit.from_proto(h) for h in group.members]
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
 
     def delete(self, ids: Sequence[str] = (), filter: Filter | str | None = None) -> int:
         """Removes images by id or by filter; returns how many were removed."""

@@ -1,4 +1,7 @@
-"""The `clipsearch` command: run the services, index folders, search them, make test models."""
+"""The `clipsearch` command: run the services, index folders, search them, make test models.
+
+Only `serve encoder` and `model` import torch, when they run: the client commands, `up`
+and `serve search` work where it is not installed (the search tier's install)."""
 
 from __future__ import annotations
 
@@ -9,11 +12,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 from client.errors import ClipsearchError
-from clipsearch import commands_client
+from clipsearch import (
+    commands_client,
+    commands_eval,
+    commands_search,
+    commands_token,
+    commands_up,
+    lifecycle,
+)
 from clipsearch.logs import configure_logging
 from clipsearch.options import add_options, from_namespace
+from clipsearch.serving import ServiceConfigError
 
 Handler = Callable[[argparse.Namespace], int]
+# Which install extra brings a package that only some commands import.
+EXTRA_OF = {"torch": "encoder", "torchvision": "encoder", "clip": "encoder",
+            "pymilvus": "search", "milvus_lite": "search", "threadpoolctl": "search"}
 
 
 def _serve_encoder(args: argparse.Namespace) -> int:
@@ -82,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(search, SearchConfig, SEARCH_ENV)
     search.set_defaults(handler=_serve_search)
     commands_client.add_commands(commands)
+    commands_search.add_commands(commands)
+    commands_token.add_commands(commands)
+    commands_eval.add_commands(commands)
+    up = commands.add_parser("up", help="start an encoder and a search service together; "
+                                        "SIGTERM/SIGINT/SIGHUP stop both")
+    commands_up.add_up_options(up)
+    up.set_defaults(handler=commands_up.run_up)
 
     model = commands.add_parser("model", help="make test models (no real weights needed)")
     kinds = model.add_subparsers(dest="kind", required=True)
@@ -102,12 +123,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one `clipsearch` command; its exit code."""
+    lifecycle.follow_parent()  # a service started by `clipsearch up` ends with it
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     try:
         return handler(args)
     except ClipsearchError as exc:
         print(f"error: {exc.code.name}: {exc}", file=sys.stderr)
+        return 2
+    except ServiceConfigError as exc:  # a service's settings (token file, TLS, limits)
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_OF.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"error: this command needs the {exc.name!r} package, installed by the "
+              f"'{extra}' extra: pip install 'clipsearch[{extra}]'", file=sys.stderr)
         return 2
 
 

@@ -1,30 +1,23 @@
-"""The client side of the `clipsearch` command: up, index, search, delete, stats."""
+"""The client side of the `clipsearch` command: index, search, delete, stats, health.
+
+Every command takes the connection options of clipsearch/client_config.py (flags and
+CLIPSEARCH_* variables)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from client.search import Filter, SearchClient, image_files
-
-DEFAULT_ADDRESS = "127.0.0.1:50052"
+from clipsearch.client_config import add_client_options, bearer_token
 
 
 def _connection_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", default=os.environ.get("CLIPSEARCH_ADDRESS", DEFAULT_ADDRESS),
-                        help=f"search service (env CLIPSEARCH_ADDRESS; default {DEFAULT_ADDRESS})")
-    parser.add_argument("--token", default=os.environ.get("CLIPSEARCH_TOKEN", ""),
-                        help="bearer token (env CLIPSEARCH_TOKEN)")
-    parser.add_argument("--tls-ca", default=os.environ.get("CLIPSEARCH_TLS_CA", ""),
-                        help="PEM CA bundle: use TLS (env CLIPSEARCH_TLS_CA)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    add_client_options(parser)
 
 
 def _filter_options(parser: argparse.ArgumentParser) -> None:
@@ -50,8 +43,8 @@ def _filter(args: argparse.Namespace) -> Filter | str | None:
 
 
 def _client(args: argparse.Namespace) -> SearchClient:
-    return SearchClient(args.address, token=args.token, tls_ca=args.tls_ca,
-                        timeout_s=args.timeout)
+    return SearchClient(args.address, token=bearer_token(args), tls_ca=args.tls_ca,
+                        tls_cert=args.tls_cert, tls_key=args.tls_key, timeout_s=args.timeout)
 
 
 def _index(args: argparse.Namespace) -> int:
@@ -122,42 +115,11 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _up(args: argparse.Namespace) -> int:
-    """Starts an encoder and a search service (Milvus Lite) and waits for Ctrl-C."""
-    from clipsearch.health import wait_serving
-
-    python = [sys.executable, "-m", "clipsearch.cli", "serve"]
-    encoder_address = f"127.0.0.1:{args.encoder_port}"
-    children = [
-        subprocess.Popen([*python, "encoder", "--model", args.model, "--port",
-                          str(args.encoder_port), "--device", args.device, "--precision",
-                          args.precision]),
-        subprocess.Popen([*python, "search", "--encoder", encoder_address, "--milvus",
-                          args.milvus, "--port", str(args.port), "--host", args.host]),
-    ]
-    try:
-        wait_serving(f"127.0.0.1:{args.port}", children, timeout_s=args.wait)
-        print(f"clipsearch is up: search on {args.host}:{args.port}, encoder on "
-              f"{encoder_address}, Milvus Lite at {args.milvus}. Ctrl-C stops both.",
-              flush=True)
-        while all(child.poll() is None for child in children):
-            time.sleep(0.5)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        for child in reversed(children):
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children:
-            child.wait(60)
-
-
 def _health(args: argparse.Namespace) -> int:
     from clipsearch.health import health_status
 
-    status = health_status(args.address, args.service, tls_ca=args.tls_ca,
-                           tls_cert=args.tls_cert, tls_key=args.tls_key)
+    status = health_status(args.address, args.service, timeout_s=args.timeout,
+                           tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
     print(status)
     return 0 if status == "SERVING" else 1
 
@@ -165,26 +127,9 @@ def _health(args: argparse.Namespace) -> int:
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     health = commands.add_parser("health", help="ask a service's grpc.health.v1 status "
                                                 "(exit 0 when SERVING): for healthchecks")
-    health.add_argument("--address", default=os.environ.get("CLIPSEARCH_ADDRESS",
-                                                            DEFAULT_ADDRESS))
     health.add_argument("--service", default="", help="service name ('' = the server)")
-    for name in ("ca", "cert", "key"):
-        env = f"CLIPSEARCH_HEALTH_TLS_{name.upper()}"
-        health.add_argument(f"--tls-{name}", default=os.environ.get(env, ""),
-                            help=f"TLS {name} PEM for the probe (env {env})")
+    _connection_options(health)
     health.set_defaults(handler=_health)
-
-    up = commands.add_parser("up", help="start an encoder and a search service together")
-    up.add_argument("--model", default=os.environ.get("CLIPSEARCH_ENCODER_MODEL", "ViT-B/32"),
-                    help="CLIP model name or checkpoint (env CLIPSEARCH_ENCODER_MODEL)")
-    up.add_argument("--milvus", default="./data/milvus.db", help="Milvus Lite path or server URI")
-    up.add_argument("--port", type=int, default=50052, help="search service port")
-    up.add_argument("--encoder-port", type=int, default=50051)
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--device", default="auto")
-    up.add_argument("--precision", default="auto")
-    up.add_argument("--wait", type=float, default=600.0, help="seconds to wait for readiness")
-    up.set_defaults(handler=_up)
 
     index = commands.add_parser("index", help="index every image under a folder (resumable)")
     index.add_argument("folder")

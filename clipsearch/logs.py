@@ -8,7 +8,8 @@ import sys
 import time
 
 # Fields the services attach with `extra=`; shown in both formats.
-EXTRA_FIELDS = ("rpc", "status", "ms", "request_id")
+# caller/peer/target/rows: the audit trail's (clipsearch/audit.py).
+EXTRA_FIELDS = ("rpc", "status", "ms", "request_id", "caller", "peer", "target", "rows")
 
 
 class JsonFormatter(logging.Formatter):

@@ -10,6 +10,12 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 REQUESTS = Counter("clipsearch_requests", "Finished RPCs", ["method", "status"])
 REQUEST_SECONDS = Histogram("clipsearch_request_seconds", "RPC latency", ["method"],
                             buckets=LATENCY_BUCKETS)
+# by token name (clipsearch/access.py): "unknown" for a missing or unknown token
+CALLER_REQUESTS = Counter("clipsearch_caller_requests", "Finished RPCs by token name",
+                          ["caller", "method", "status"])
+CALLER_REFUSALS = Counter("clipsearch_caller_refusals", "RPCs refused by token name and reason "
+                          "(unauthenticated, permission, rate, concurrency)",
+                          ["caller", "method", "reason"])
 
 # encoder
 BATCH_SIZE = Histogram("clipsearch_encoder_batch_size", "Items per model batch", ["tower"],
@@ -28,6 +34,15 @@ COLLECTION_SIZE = Gauge("clipsearch_collection_size", "Images stored (as of the 
 INDEXED = Counter("clipsearch_indexed_items", "Index items answered", ["status"])
 SEARCH_BATCH_SIZE = Histogram("clipsearch_search_batch_size",
                               "Text queries sharing one encoder call", buckets=BATCH_BUCKETS)
+QUERY_CACHE_LOOKUPS = Counter("clipsearch_query_cache_lookups",
+                              "Query texts looked up in the query-embedding cache",
+                              ["result"])  # hit | miss
+QUERY_CACHE_EVICTIONS = Counter("clipsearch_query_cache_evictions",
+                                "Query vectors evicted to keep the cache within its bytes")
+QUERY_CACHE_BYTES = Gauge("clipsearch_query_cache_bytes",
+                          "Bytes held by the query-embedding cache (vectors, texts, overhead)")
+QUERY_CACHE_ENTRIES = Gauge("clipsearch_query_cache_entries",
+                            "Query vectors held by the query-embedding cache")
 
 
 def observe_request(method: str, status: str, seconds: float) -> None:

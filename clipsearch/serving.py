@@ -1,18 +1,20 @@
 """What both services share: an aio gRPC server with health, reflection, limits,
-token auth, TLS, one log line per request, and a graceful stop on SIGTERM/SIGINT."""
+scoped tokens and per-caller limits (clipsearch/access.py, limits.py, gate.py), TLS, one log
+line per request, and a graceful stop on SIGTERM/SIGINT. SIGHUP stops the service too, unless
+it has a token file or TLS files: then SIGHUP reloads them (rotation without a restart)."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import hmac
+import ipaddress
 import logging
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,7 +24,12 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from clipsearch import metrics
+from clipsearch import lifecycle, metrics
+from clipsearch.access import AccessControl, TokenFileError
+from clipsearch.certificates import CertificateError, ReloadableCertificates
+from clipsearch.gate import CURRENT_CALLER, AccessInterceptor
+from clipsearch.grpc_options import message_options
+from clipsearch.limits import Limits, parse_limits
 from clipsearch.options import option
 
 log = logging.getLogger("clipsearch.serving")
@@ -42,6 +49,15 @@ class ServerConfig:
     max_message_mb: float = option("largest request or response message, MiB", default=64.0)
     token: str = option("when set, every RPC but health needs 'authorization: Bearer <token>'",
                         default="")
+    token_file: str = option("file of named tokens with scopes (search, index, admin), one a "
+                             "line: 'NAME TOKEN|sha256:HEX SCOPES [unlimited]'; SIGHUP "
+                             "reloads it (README, Security)", default="")
+    rate_limit: str = option("calls per second per token name and scope: "
+                             "'search=50/100,index=5' (RATE[/BURST], *= every scope; "
+                             "empty: none)", default="")
+    concurrency_limit: str = option("calls at once per token name and scope: "
+                                    "'search=16,index=2' (*= every scope; empty: none)",
+                                    default="")
     tls_cert: str = option("PEM certificate: serve TLS", default="")
     tls_key: str = option("PEM private key for --tls-cert", default="")
     tls_ca: str = option("PEM CA bundle: require client certificates signed by it (mTLS)",
@@ -50,6 +66,10 @@ class ServerConfig:
     log_json: bool = option("log one JSON object per line", default=False)
     metrics_port: int = option("serve Prometheus metrics on http://HOST:PORT/metrics "
                                "(0: off)", default=0)
+    max_connection_age_s: float = option(
+        "close each client connection after this long (gRPC GOAWAY; calls in flight finish), "
+        "so clients re-resolve DNS and spread over replicas that joined since (0: never)",
+        default=15.0)
 
 
 class MalformedRequest:
@@ -172,41 +192,6 @@ def request_id(context: grpc.aio.ServicerContext) -> str:
     return uuid.uuid4().hex[:16]
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Requires `authorization: Bearer <token>` on every method but health/reflection."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
-                                details: grpc.HandlerCallDetails) -> Any:
-        if details.method.startswith(OPEN_METHODS):
-            return await continuation(details)
-        given = dict(details.invocation_metadata or ()).get("authorization", "")
-        given_bytes = given.encode() if isinstance(given, str) else bytes(given)
-        # compare_digest: the time taken does not reveal how much of the token matched.
-        if hmac.compare_digest(given_bytes, self._expected):
-            return await continuation(details)
-        return _deny_handler(await continuation(details))
-
-
-def _deny_handler(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
-    async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                            "missing or wrong token: send 'authorization: Bearer <token>'")
-
-    async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await deny(request, context)
-        yield  # pragma: no cover - abort raises first
-
-    if handler is not None and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny_stream) if handler.request_streaming \
-            else grpc.unary_stream_rpc_method_handler(deny_stream)
-    if handler is not None and handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny)
-    return grpc.unary_unary_rpc_method_handler(deny)
-
-
 class AccessLogInterceptor(grpc.aio.ServerInterceptor):
     """One log line per finished request: method, status, milliseconds, request id."""
 
@@ -261,24 +246,55 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
             status = "CANCELLED"  # the caller went away, or its deadline passed first
         else:
             status = "OK" if failure is None else "UNKNOWN"
-        log.info("rpc done", extra={"rpc": method, "status": status, "ms": round(ms, 2),
-                                    "request_id": request_id(context)})
+        extra = {"rpc": method, "status": status, "ms": round(ms, 2),
+                 "request_id": request_id(context)}
+        caller = CURRENT_CALLER.get()  # the token's name, where tokens are in use
+        if caller is not None:
+            extra["caller"] = caller.name
+        log.info("rpc done", extra=extra)
         self._on_done(method.rsplit("/", 1)[-1], status, ms / 1000)
 
 
-def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
-    if not config.tls_cert:
-        return None
-    key = Path(config.tls_key).read_bytes()
-    cert = Path(config.tls_cert).read_bytes()
-    ca = Path(config.tls_ca).read_bytes() if config.tls_ca else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                       require_client_auth=ca is not None)
+def is_loopback(host: str) -> bool:
+    """True when `host` (a --host value) is reachable from this machine only."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:  # a name: loopback when everything it resolves to is
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback
+                               for info in infos)
 
 
-def message_options(max_message_mb: float) -> list[tuple[str, int]]:
-    size = int(max_message_mb * 1024 * 1024)
-    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+def warn_if_exposed(config: ServerConfig, port: int) -> bool:
+    """Logs a warning (and returns True) when the service listens beyond loopback and
+    nothing authenticates callers: no --token and no client certificates (--tls-ca)."""
+    if is_loopback(config.host) or config.token or config.token_file or config.tls_ca:
+        return False
+    metrics_note = (f"; its metrics on port {config.metrics_port} are open too"
+                    if config.metrics_port else "")
+    log.warning("listening on %s:%d, beyond loopback, with no --token and no client "
+                "certificates: anyone who can reach this port can call every method%s. "
+                "Set --token, or listen on 127.0.0.1 (--host)", config.host, port,
+                metrics_note)
+    return True
+
+
+class ServiceConfigError(ValueError):
+    """A setting the service cannot start with (a bad token file, TLS files, limits)."""
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """The server's channel arguments: message limits and the connection age."""
+    options = message_options(config.max_message_mb)
+    if config.max_connection_age_s > 0:
+        # gRPC adds +-10% jitter, so replicas' clients do not all reconnect at once. No
+        # grace limit: a long Index stream is never cut, only new calls move.
+        options.append(("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)))
+    return options
 
 
 class Service:
@@ -291,19 +307,30 @@ class Service:
                  extra_interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> None:
         interceptors: list[grpc.aio.ServerInterceptor] = [AccessLogInterceptor(),
                                                           *extra_interceptors]
-        if config.token:
-            interceptors.insert(0, AuthInterceptor(config.token))
+        try:  # tokens, scopes, limits, audit: clipsearch/access.py, limits.py, gate.py
+            self.access = AccessControl(config.token, config.token_file)
+            limits = Limits(parse_limits(config.rate_limit, config.concurrency_limit))
+            if limits.enabled and not self.access.enabled:
+                raise ValueError("--rate-limit and --concurrency-limit count per token: "
+                                 "they need --token or --token-file")
+            self.certificates = (ReloadableCertificates(config.tls_cert, config.tls_key,
+                                                        config.tls_ca)
+                                 if config.tls_cert else None)
+        except (TokenFileError, CertificateError, ValueError) as exc:
+            raise ServiceConfigError(str(exc)) from None
+        if self.access.enabled:
+            interceptors.insert(0, AccessInterceptor(self.access, limits, OPEN_METHODS))
         self.config = config
         self.name = service.full_name
         self.server = grpc.aio.server(interceptors=interceptors,
-                                      options=message_options(config.max_message_mb))
+                                      options=server_options(config))
         add_service(self.server, service, servicer)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (self.name, HEALTH_SERVICE, reflection.SERVICE_NAME), self.server)
         address = f"{config.host}:{config.port}"
-        credentials = server_credentials(config)
+        credentials = self.certificates.credentials() if self.certificates else None
         self.port = (self.server.add_secure_port(address, credentials) if credentials
                      else self.server.add_insecure_port(address))
         if self.port == 0:
@@ -313,6 +340,7 @@ class Service:
         await self.set_serving(False)
         await self.server.start()
         metrics.serve_metrics(self.config.host, self.config.metrics_port)
+        warn_if_exposed(self.config, self.port)
 
     async def set_serving(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
@@ -326,18 +354,39 @@ class Service:
         await self.set_serving(False)
         await self.server.stop(self.config.grace_s)
 
+    @property
+    def reloadable(self) -> bool:
+        """Whether SIGHUP has something to reload: a token file or TLS files."""
+        return bool(self.access.token_file or self.certificates)
+
+    def reload(self) -> None:
+        """Reads the token file and the TLS files again (SIGHUP). Calls in flight finish as
+        they began; the next call sees the new tokens, the next connection the new
+        certificate. A file that does not pass keeps what is in force (logged)."""
+        log.info("SIGHUP: reloading%s%s", " the token file" if self.access.token_file else "",
+                 " the TLS certificate" if self.certificates else "")
+        if self.access.token_file:
+            self.access.reload()
+        if self.certificates is not None:
+            self.certificates.reload()
+
 
 async def serve_until_stopped(service: Service, prepare: Awaitable[None],
                               close: Callable[[], Awaitable[None]], what: str,
-                              expected_errors: tuple[type[BaseException], ...] = ()) -> int:
+                              expected_errors: tuple[type[BaseException], ...] = (),
+                              failed: asyncio.Event | None = None) -> int:
     """The life of a service process: listen at once with health NOT_SERVING, run
-    `prepare` (load the model, open the collection), serve as SERVING until SIGTERM or
-    SIGINT, then stop gracefully. Returns the exit code: 0, or 2 when `prepare` failed
-    (an expected error is logged as its message alone, anything else with its trace)."""
+    `prepare` (load the model, open the collection), serve as SERVING until SIGTERM,
+    SIGINT or SIGHUP (or the end of the parent that watches it), then stop gracefully; a
+    service that can reload (`Service.reloadable`) reloads on SIGHUP instead.
+    Returns the exit code: 0, or 2 when `prepare` failed (an expected error is logged
+    as its message alone, anything else with its trace), or 3 when the service set
+    `failed` (it cannot go on: health turns NOT_SERVING at once and the process ends, for
+    its supervisor to start a new one)."""
     await service.start()
     log.info("%s listening on %s:%d; NOT_SERVING until ready", what, service.config.host,
              service.port)
-    stop = stop_event_on_signals()
+    stop = stop_event_on_signals(service.reload if service.reloadable else None)
     preparing = asyncio.ensure_future(prepare)
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({preparing, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -356,7 +405,15 @@ async def serve_until_stopped(service: Service, prepare: Awaitable[None],
         gc.freeze()
         await service.set_serving(True)
         log.info("%s SERVING on port %d", what, service.port)
-        await stopping
+        failing = asyncio.ensure_future((failed or asyncio.Event()).wait())
+        await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
+        failing.cancel()
+        if failed is not None and failed.is_set():
+            log.error("%s cannot go on (see the error above): health NOT_SERVING, "
+                      "exiting with 3 for a restart", what)
+            await service.stop()
+            await close()
+            return 3
     log.info("stopping: health NOT_SERVING, %.0f s grace for in-flight calls",
              service.config.grace_s)
     preparing.cancel()
@@ -365,10 +422,15 @@ async def serve_until_stopped(service: Service, prepare: Awaitable[None],
     return 0
 
 
-def stop_event_on_signals() -> asyncio.Event:
-    """An event set by SIGTERM or SIGINT, so `serve` loops can stop gracefully."""
+def stop_event_on_signals(reload: Callable[[], None] | None = None) -> asyncio.Event:
+    """An event set by SIGTERM, SIGINT or SIGHUP, so `serve` loops can stop gracefully;
+    also set when the parent that watches this process (`clipsearch up`) goes away.
+    With `reload` (a service with a token file or TLS files), SIGHUP calls it instead."""
     event = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, event.set)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    lifecycle.watch_parent(loop, event.set)
     return event

@@ -15,7 +15,10 @@ DEFAULT_PORT = 50051
 class EncoderConfig(ServerConfig):
     port: int = option("port to listen on", default=DEFAULT_PORT)
     model: str = option("CLIP model name (clip.available_models()) or a checkpoint path "
-                        "(JIT archive or state dict)", default="ViT-B/32")
+                        "(JIT archive or state dict); or an OpenCLIP model, "
+                        "open_clip:ARCH/TAG (open_clip:ViT-B-16-SigLIP/webli) or "
+                        "open_clip:ARCH/PATH (a checkpoint file or a folder holding one)",
+                        default="ViT-B/32")
     weights_dir: str = option("where named models' weights are looked for and downloaded to",
                               default="~/.cache/clip")
     download: bool = option("download named weights when missing from --weights-dir",
@@ -24,7 +27,9 @@ class EncoderConfig(ServerConfig):
                          default="auto")
     precision: str = option("auto | fp32 | bf16 | fp16 (auto: fp16 on CUDA, bf16 on a CPU "
                             "with native bf16, else fp32)", default="auto")
-    max_batch: int = option("largest model batch the dynamic batcher forms", default=32)
+    max_batch: int = option("largest model batch the dynamic batcher forms (0: per device, "
+                            "32 on a CPU, 256 on a GPU; lower it when warm-up reports that "
+                            "it does not fit in GPU memory)", default=0)
     max_delay_ms: float = option("longest a batch waits for more requests once the model is "
                                  "free (0, as Triton's default: batches form from what queued "
                                  "while the previous one ran)", default=0.0)

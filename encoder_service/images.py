@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -12,46 +11,13 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-# Only these decoders run on caller bytes: PIL can open many more (EPS would start
-# Ghostscript), which has no place behind a network port.
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-# Pillow's process-wide bomb guard fires inside Image.open with its own limit; the
-# per-call `max_pixels` check below replaces it, with a message that names the size.
-Image.MAX_IMAGE_PIXELS = None
+# The torch-free checks live in the shared package (the search tier uses them too).
+from clipsearch.image_check import ACCEPTED_FORMATS, ImageError, open_image, probe_image
 
+CPU = torch.device("cpu")
 
-class ImageError(ValueError):
-    """These bytes cannot be used as an image; the message says why."""
-
-
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Opens and fully decodes `data` (the first frame of an animation). The pixel count
-    is checked from the header, before decoding, so a decompression bomb costs nothing."""
-    image = probe_image(data, max_pixels)
-    try:
-        image.load()
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"cannot decode {image.format} data: {exc}") from exc
-    return image
-
-
-def probe_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Opens `data` and checks its header only (format, size, pixel limit): cheap, for
-    callers that leave the full decode to the encoder."""
-    if not data:
-        raise ImageError("empty: zero bytes")
-    try:
-        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"not an image in a supported format ({', '.join(ACCEPTED_FORMATS)})"
-                         ) from exc
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ImageError(f"too many pixels: {width}x{height} = {width * height} "
-                         f"is over the limit of {max_pixels}")
-    if width == 0 or height == 0:
-        raise ImageError(f"empty image: {width}x{height}")
-    return image
+__all__ = ["ACCEPTED_FORMATS", "ImageError", "PreprocessStages", "image_pixels", "open_image",
+           "probe_image"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +31,8 @@ class PreprocessStages:
     pil_stage: Callable[[Image.Image], Image.Image]
     mean: torch.Tensor  # (1, 3, 1, 1)
     std: torch.Tensor
+    on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, compare=False, repr=False)  # mean and std per CUDA device
 
     @classmethod
     def split(cls, preprocess: Any) -> PreprocessStages:
@@ -81,10 +49,31 @@ class PreprocessStages:
         """(r, r, 3) uint8: the image resized, cropped and in RGB."""
         return np.asarray(self.pil_stage(image), dtype=np.uint8)
 
-    def batch(self, pixels: Sequence[np.ndarray]) -> torch.Tensor:
-        """(n, 3, r, r) float32 model input: ToTensor's /255, then Normalize's (x-m)/s."""
-        batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div(255)
-        return batch.sub(self.mean).div(self.std)
+    def batch(self, pixels: Sequence[np.ndarray],
+              device: torch.device = CPU) -> torch.Tensor:
+        """(n, 3, r, r) float32 model input on `device`: ToTensor's /255, then Normalize's
+        (x-m)/s. On CUDA the uint8 pixels (a quarter of the float bytes) are stacked into
+        pinned memory and copied without blocking, and the same elementwise operations
+        run on the GPU: on 2 CPU cores they took 23 ms for 32 images and 263 ms for 256,
+        time the GPU would sit idle."""
+        if device.type == "cuda":
+            pinned = torch.empty((len(pixels), *pixels[0].shape), dtype=torch.uint8,
+                                 pin_memory=True)
+            np.stack(pixels, out=pinned.numpy())
+            stacked = pinned.to(device, non_blocking=True)
+        else:
+            stacked = torch.from_numpy(np.stack(pixels))
+        mean, std = self._constants(device)
+        return stacked.permute(0, 3, 1, 2).float().div(255).sub(mean).div(std)
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std on `device`, copied there once."""
+        if device.type == "cpu":
+            return self.mean, self.std
+        key = str(device)
+        if key not in self.on_device:
+            self.on_device[key] = (self.mean.to(device), self.std.to(device))
+        return self.on_device[key]
 
 
 def image_pixels(data: bytes, stages: PreprocessStages, max_pixels: int) -> np.ndarray:

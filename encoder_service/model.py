@@ -1,7 +1,9 @@
 """Loads a CLIP model and runs batches through it, giving the reference vectors.
 
 Reference (the seed): `model.encode_image(preprocess(img))` and
-`model.encode_text(clip.tokenize(t))`, each divided by its L2 norm.
+`model.encode_text(clip.tokenize(t))`, each divided by its L2 norm. OpenCLIP models
+(`open_clip:ARCH/TAG`) are built by encoder_service/families/open_clip.py against
+open_clip's own reference path; what differs between families is in `LoadedModel.traits`.
 """
 
 from __future__ import annotations
@@ -10,16 +12,22 @@ import contextlib
 import hashlib
 import logging
 import os
-import urllib.error
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+from encoder_service import weights
+from encoder_service.device import resolve_device, resolve_precision, use_exact_fp32
+from encoder_service.errors import ModelLoadError
+from encoder_service.families import open_clip as open_clip_family
+from encoder_service.families.base import TextTokenizer, Traits
+from encoder_service.families.openai import encode_text_trimmed, openai_traits
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # clip imports pkg_resources, which warns on import
@@ -28,45 +36,8 @@ with warnings.catch_warnings():
 
 log = logging.getLogger("clipsearch.encoder.model")
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message says how to provide the weights."""
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(choice)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"--device {choice}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise ModelLoadError(f"--device {choice}: expected auto, cpu, cuda or cuda:N")
-    return device
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16
-    autocast is emulated and slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(choice: str, device: torch.device) -> str:
-    if choice == "auto":
-        if device.type == "cuda":
-            return "fp16"
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    if choice not in PRECISIONS:
-        raise ModelLoadError(f"--precision {choice}: expected auto, fp32, bf16 or fp16")
-    if choice == "fp16" and device.type != "cuda":
-        raise ModelLoadError("--precision fp16 needs CUDA; on a CPU use bf16 or fp32")
-    return choice
-
+__all__ = ["CLIP", "LoadedModel", "ModelLoadError", "build_model", "clip",
+           "encode_text_trimmed", "load_model"]
 
 def _named_weights_path(name: str, weights_dir: Path) -> Path:
     return weights_dir / os.path.basename(clip.clip._MODELS[name])
@@ -79,13 +50,11 @@ def read_state_dict(name_or_path: str, weights_dir: str, download: bool) -> dict
     folder = Path(weights_dir).expanduser()
     if name_or_path in clip.available_models():
         path = _named_weights_path(name_or_path, folder)
-        if not path.is_file():
-            if not download:
-                raise ModelLoadError(_missing_weights(name_or_path, path, "downloads are off"))
-            try:
-                path = Path(clip.clip._download(clip.clip._MODELS[name_or_path], str(folder)))
-            except (OSError, urllib.error.URLError, RuntimeError) as exc:
-                raise ModelLoadError(_missing_weights(name_or_path, path, str(exc))) from exc
+        try:  # checked against the SHA-256 in OpenAI's URL; (re)downloaded if allowed
+            path = weights.ensure_weights(clip.clip._MODELS[name_or_path], folder,
+                                          download=download)
+        except weights.WeightsError as exc:
+            raise ModelLoadError(_missing_weights(name_or_path, path, str(exc))) from exc
     else:
         path = Path(name_or_path).expanduser()
         if not path.is_file():
@@ -132,45 +101,72 @@ def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
 
 @dataclass
 class LoadedModel:
-    """A CLIP model ready to encode batches on its device in its precision."""
+    """A CLIP model (any family) ready to encode batches on its device in its precision.
 
-    model: CLIP
+    On CUDA each tower has its own stream (texts at the higher priority), so a text batch
+    is never queued behind an image batch on the GPU, and the only host synchronisation
+    is the final copy of the vectors, which waits for that stream alone."""
+
+    model: Any  # clip's CLIP, or an open_clip CLIP / CustomTextCLIP
     preprocess: Callable[[Image.Image], torch.Tensor]
     name: str
     device: torch.device
     precision: str
     fingerprint: str
+    traits: Traits
+    device_note: str = ""  # why `auto` settled for the CPU, when it did
+    _streams: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.device.type == "cuda":
+            # Lower numbers are higher priorities: a text search overtakes queued image work.
+            self._streams = {"text": torch.cuda.Stream(self.device, priority=-1),
+                             "image": torch.cuda.Stream(self.device, priority=0)}
+            torch.cuda.synchronize(self.device)  # weights copied on the default stream
 
     @property
     def dimension(self) -> int:
-        return int(self.model.text_projection.shape[1])
+        return self.traits.dimension
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        return self.traits.tokenizer
 
     @property
     def context_length(self) -> int:
-        return int(self.model.context_length)
+        return self.traits.tokenizer.context_length
 
     @property
     def image_resolution(self) -> int:
-        return int(self.model.visual.input_resolution)
+        """The image tower's input side (the larger one, for a non-square input)."""
+        return max(self.traits.image.height, self.traits.image.width)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        kind = self.traits.autocast or ("bf16" if self.precision == "bf16" else "")
+        if kind:
+            dtype = torch.bfloat16 if kind == "bf16" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
         return contextlib.nullcontext()
+
+    def on_stream(self, tower: str) -> contextlib.AbstractContextManager[Any]:
+        """Runs what follows on `tower`'s CUDA stream (nothing to do on a CPU)."""
+        stream = self._streams.get(tower)
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
         """(n, 3, r, r) preprocessed pixels -> (n, dim) unit float32 vectors."""
-        with self._autocast():
-            features = self.model.encode_image(pixels.to(self.device, self.model.dtype))
-        return _normalised(features)
+        with self.on_stream("image"), self._autocast():
+            features = self.model.encode_image(pixels.to(self.device, self.traits.input_dtype,
+                                                         non_blocking=True))
+            return _normalised(features)
 
     @torch.inference_mode()
     def encode_tokens(self, tokens: torch.Tensor) -> np.ndarray:
-        """(n, context) token ids -> (n, dim) unit float32 vectors."""
-        with self._autocast():
-            features = encode_text_trimmed(self.model, tokens.to(self.device))
-        return _normalised(features)
+        """(n, context) token ids (on the CPU) -> (n, dim) unit float32 vectors."""
+        with self.on_stream("text"), self._autocast():
+            features = self.traits.encode_text(tokens)
+            return _normalised(features)
 
 
 def keep_matmul_weights_in(model: CLIP, dtype: torch.dtype) -> None:
@@ -197,42 +193,59 @@ def _normalised(features: torch.Tensor) -> np.ndarray:
     return features.cpu().numpy()
 
 
-def encode_text_trimmed(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
-    """CLIP.encode_text over only the first L positions, L = the last end-of-text
-    position in the batch + 1. The text tower is causal (position i attends to <= i)
-    and pools at end-of-text, so the dropped padding cannot change any output: the
-    result equals model.encode_text(tokens) while costing L/77 of it."""
-    length = int(tokens.argmax(dim=-1).max()) + 1
-    tokens = tokens[:, :length]
-    x = model.token_embedding(tokens).type(model.dtype)
-    x = x + model.positional_embedding[:length].type(model.dtype)
-    x = x.permute(1, 0, 2)  # NLD -> LND, as CLIP's transformer expects
-    mask = model.build_attention_mask()[:length, :length].to(x.device, x.dtype)
-    for block in model.transformer.resblocks:
-        x = x + block.attn(*[block.ln_1(x)] * 3, need_weights=False, attn_mask=mask)[0]
-        x = x + block.mlp(block.ln_2(x))
-    x = model.ln_final(x.permute(1, 0, 2)).type(model.dtype)
-    return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ model.text_projection
-
-
 def load_model(name_or_path: str, *, weights_dir: str = "~/.cache/clip", download: bool = True,
-               device: str = "auto", precision: str = "auto") -> LoadedModel:
-    """Loads weights, builds the CLIP model and places it on the chosen device/precision."""
-    torch_device = resolve_device(device)
-    chosen = resolve_precision(precision, torch_device)
+               device: str = "auto", precision: str = "auto",
+               allow_fp16_on_cpu: bool = False) -> LoadedModel:
+    """Loads weights, builds the CLIP model and places it on the chosen device/precision.
+
+    `name_or_path`: an OpenAI name (`ViT-B/32`) or checkpoint, or `open_clip:ARCH/TAG`
+    (or `open_clip:ARCH/PATH`). `allow_fp16_on_cpu` builds the CUDA fp16 layout on the
+    CPU: for tests, since the development and CI machines have no GPU."""
+    choice = resolve_device(device)
+    chosen = resolve_precision(precision, choice.device, allow_fp16_on_cpu=allow_fp16_on_cpu)
+    use_exact_fp32(chosen)
+    if open_clip_family.is_open_clip_name(name_or_path):
+        return _load_open_clip(name_or_path, weights_dir, download, choice.device, chosen,
+                               choice.note)
     state_dict = read_state_dict(name_or_path, weights_dir, download)
     weights_fingerprint = fingerprint(state_dict)
     try:
+        # build_model gives clip.load's CUDA layout: fp16 matmul and conv weights, fp32
+        # LayerNorms and embeddings (CLIP's LayerNorm computes in fp32, so fp16 LayerNorm
+        # weights would fail its first forward pass: no model.half()).
         model = build_model(state_dict)
     except (KeyError, RuntimeError, ValueError) as exc:
         raise ModelLoadError(f"{name_or_path}: not a loadable CLIP state dict: {exc}") from exc
-    model = model.to(torch_device)
-    # fp16 keeps the released half-precision weights (as clip.load does on CUDA);
     # fp32 and bf16 autocast start from fp32 weights (as clip.load does on the CPU).
-    model = model.half() if chosen == "fp16" else model.float()
+    if chosen != "fp16":
+        model = model.float()
     if chosen == "bf16":
         keep_matmul_weights_in(model, torch.bfloat16)
+    try:
+        model = model.to(choice.device)
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError(f"{name_or_path} does not fit on {choice.device}: {exc}") from exc
     preprocess = clip.clip._transform(model.visual.input_resolution)
     return LoadedModel(model=model.eval(), preprocess=preprocess, name=name_or_path,
-                       device=torch_device, precision=chosen, fingerprint=weights_fingerprint)
+                       device=choice.device, precision=chosen, fingerprint=weights_fingerprint,
+                       traits=openai_traits(model, name_or_path), device_note=choice.note)
 
+
+def _load_open_clip(name: str, weights_dir: str, download: bool, device: torch.device,
+                    precision: str, device_note: str) -> LoadedModel:
+    """An OpenCLIP model in open_clip's own layout for `precision` (bf16: autocast over
+    fp32 weights; open_clip reads its text tower's cast dtype from the weights, so they
+    stay fp32 for its residual stream to stay fp32)."""
+    model, preprocess, source, model_cfg, tokenizer = open_clip_family.build(
+        name, weights_dir, download, precision)
+    weights_fingerprint = fingerprint(open_clip_family.checkpoint_state_dict(source))
+    try:
+        model = model.to(device)
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError(f"{name} does not fit on {device}: {exc}") from exc
+    traits = open_clip_family.traits(model, source, model_cfg, tokenizer, precision)
+    log.info("%s: %s from %s (text forward: %s)", name, type(model).__name__,
+             source.checkpoint, traits.text_path)
+    return LoadedModel(model=model, preprocess=preprocess, name=name, device=device,
+                       precision=precision, fingerprint=weights_fingerprint, traits=traits,
+                       device_note=device_note)

@@ -15,8 +15,9 @@ DEFAULT_PORT = 50052
 class SearchConfig(ServerConfig):
     port: int = option("port to listen on", default=DEFAULT_PORT)
     encoder: str = option("encoder address(es): host:port, a comma-separated list balanced "
-                          "round-robin, or dns:///name:port to balance over every address "
-                          "of a DNS name", default="127.0.0.1:50051")
+                          "round-robin, or dns:///name:port (or ipv4:a:port,b:port) to balance "
+                          "over every address of one target; calls go only to replicas whose "
+                          "health is SERVING", default="127.0.0.1:50051")
     encoder_token: str = option("bearer token sent to the encoder", default="")
     encoder_tls_ca: str = option("PEM CA bundle to verify the encoder's certificate", default="")
     encoder_tls_cert: str = option("PEM client certificate for mTLS to the encoder", default="")
@@ -48,3 +49,8 @@ class SearchConfig(ServerConfig):
     query_batch_delay_ms: float = option("how long a search waits for concurrent searches to "
                                          "share its encoder call and Milvus search",
                                          default=0.0)
+    query_cache: bool = option("keep query texts' vectors (keyed by the text and the "
+                               "encoder's model fingerprint) so a repeated query skips the "
+                               "encoder; --no-query-cache turns it off", default=True)
+    query_cache_mb: float = option("bytes the query cache may hold, in MiB (least recently "
+                                   "used first out; ~2.4 KiB per 512-d query)", default=64.0)

@@ -14,7 +14,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from client.encoder import parse_response
+from client.channel import balancing_options
+from client.encoder import ENCODER_SERVICE, parse_response
 from clipsearch.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from clipsearch.serving import REQUEST_ID_KEY, message_options
 
@@ -35,18 +36,35 @@ class EncoderRejected(ValueError):
         self.code = code
 
 
+# gRPC target schemes that take a comma-separated list of addresses themselves.
+MULTI_ADDRESS_SCHEMES = ("ipv4:", "ipv6:", "unix:")
+
+
+def split_targets(addresses: str) -> list[str]:
+    """The channel targets of `--encoder`: `a:1,b:2` is two targets (one channel each),
+    while `ipv4:10.0.0.1:1,10.0.0.2:2` (like `dns:///encoder:50051`) is one target with
+    several addresses, balanced inside one channel."""
+    text = addresses.strip()
+    if text.startswith(MULTI_ADDRESS_SCHEMES):
+        return [text]
+    return [a.strip() for a in text.split(",") if a.strip()]
+
+
 class EncoderPool:
-    """One aio channel per configured address; calls rotate over them and fail over."""
+    """One aio channel per configured target; calls rotate over them and fail over. Inside
+    a channel, calls go round-robin to the addresses whose health is SERVING."""
 
     def __init__(self, addresses: str, *, token: str = "", tls_ca: str = "", tls_cert: str = "",
                  tls_key: str = "", timeout_s: float = 30.0, retries: int = 3,
                  max_message_mb: float = 64.0) -> None:
-        self.addresses = [a.strip() for a in addresses.split(",") if a.strip()]
+        self.addresses = split_targets(addresses)
         if not self.addresses:
             raise ValueError("no encoder address given")
         options = [*message_options(max_message_mb),
-                   # dns:/// names resolve to every replica; spread calls over all of them.
-                   ("grpc.lb_policy_name", "round_robin"),
+                   # dns:/// names resolve to every replica: spread calls over all of
+                   # them, but only over those whose model is loaded (health SERVING), so
+                   # a replica that is loading or draining gets no calls to refuse.
+                   *balancing_options(ENCODER_SERVICE),
                    ("grpc.enable_retries", 0),  # retries are ours, with the deadline in view
                    # A restarted replica is found again within a second or two.
                    ("grpc.initial_reconnect_backoff_ms", 100),
@@ -70,6 +88,23 @@ class EncoderPool:
     def name(self) -> str:
         return ",".join(self.addresses)
 
+    def _next_index(self) -> int:
+        """The next channel in turn that is READY (connected and, with health checking,
+        SERVING), asking each one it passes to connect; when none is, the next one not in
+        TRANSIENT_FAILURE, else simply the next. So a plain `a:1,b:2` list spares a replica
+        that is loading, as one multi-address target does."""
+        count = len(self._channels)
+        start = next(self._next)
+        fallback = None
+        for k in range(count):
+            index = (start + k) % count
+            state = self._channels[index].get_state(try_to_connect=True)
+            if state == grpc.ChannelConnectivity.READY:
+                return index
+            if fallback is None and state != grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                fallback = index
+        return start if fallback is None else fallback
+
     async def close(self) -> None:
         await asyncio.gather(*(c.close(None) for c in self._channels))
 
@@ -80,7 +115,7 @@ class EncoderPool:
         metadata = (*self._metadata, *(((REQUEST_ID_KEY, request_id),) if request_id else ()))
         last_error = ""
         for attempt in range(self.retries + 1):
-            index = next(self._next)
+            index = self._next_index()
             timeout = self.timeout_s
             if deadline is not None:
                 timeout = min(timeout, deadline - time.monotonic())
@@ -131,6 +166,8 @@ class EncoderPool:
         """GetModelInfo, retried until the encoder has loaded its model or time is up."""
         deadline = time.monotonic() + timeout_s
         log.info("waiting up to %.0f s for encoder %s to serve", timeout_s, self.name)
+        for channel in self._channels:  # learn every replica's health before the first call
+            channel.get_state(try_to_connect=True)
         while True:
             try:
                 return await self.model_info(deadline=min(deadline, time.monotonic() + 10),

@@ -21,10 +21,10 @@ import grpc
 from threadpoolctl import threadpool_limits
 
 from clipsearch import metrics
+from clipsearch.batcher import DynamicBatcher, QueueFull
+from clipsearch.image_check import ImageError, probe_image
 from clipsearch.search.v1 import search_pb2
 from clipsearch.serving import MalformedRequest, Service, request_id, serve_until_stopped
-from encoder_service.batcher import DynamicBatcher, QueueFull
-from encoder_service.images import ImageError, probe_image
 from search_service.config import SearchConfig
 from search_service.encoder_pool import EncoderPool, EncoderRejected, EncoderUnavailable
 from search_service.filters import (
@@ -34,6 +34,8 @@ from search_service.filters import (
     StructuredFilter,
     build_expression,
 )
+from search_service.queries import ItemNotFound, QueryRpcs, uses_options
+from search_service.query_cache import QueryCache
 from search_service.store import (
     MAX_TOP_K,
     StoredImage,
@@ -62,6 +64,7 @@ STATUS_OF: dict[type[Exception], grpc.StatusCode] = {
     StoreError: grpc.StatusCode.FAILED_PRECONDITION,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ItemNotFound: grpc.StatusCode.NOT_FOUND,
 }
 
 
@@ -108,12 +111,19 @@ def _failed(sequence: int, uri: str, message: str, code: int = INVALID_ARGUMENT,
                                   error_code=code)
 
 
-class SearchServicer:
-    """Implements clipsearch.search.v1.Search. UNAVAILABLE until `open` has finished."""
+class SearchServicer(QueryRpcs):
+    """Implements clipsearch.search.v1.Search. UNAVAILABLE until `open` has finished.
+    SearchSimilar, SearchCombined, Get, FindDuplicates and the search options (min_score,
+    pages, collapsing) are in search_service/queries.py."""
 
     def __init__(self, config: SearchConfig, encoder: EncoderPool) -> None:
         self.config = config
         self.encoder = encoder
+        # Every text query's vector comes through here (SearchText, its options, the text
+        # parts of SearchCombined); the model fingerprint is set once the encoder answers.
+        self.query_cache = QueryCache(encoder.encode_texts,
+                                      int(config.query_cache_mb * 2**20),
+                                      enabled=config.query_cache)
         self.store: VectorStore | None = None
         self.model_name = ""
         self._db = ThreadPoolExecutor(4, thread_name_prefix="milvus")
@@ -132,6 +142,7 @@ class SearchServicer:
             dimension=info.dimension, model=info.name, model_fingerprint=info.fingerprint,
             index_type=self.config.index_type, token=self.config.milvus_token))
         self.model_name = info.name
+        self.query_cache.model = info.fingerprint
         self.queries.start()
 
     async def close(self) -> None:
@@ -197,6 +208,8 @@ class SearchServicer:
         async def work() -> search_pb2.SearchResponse:
             if not request.text.strip():
                 raise BadRequest("text is empty")
+            if uses_options(request):
+                return await self.search_text_with_options(request, context)
             query = TextQuery(request.text, self._top_k(request.top_k),
                               self._expression(request.filter), self._deadline(context),
                               request_id(context))
@@ -215,7 +228,7 @@ class SearchServicer:
         deadlines = [q.deadline for q in queries]
         deadline = None if None in deadlines else max(d for d in deadlines if d is not None)
         try:
-            vectors, failures = await self.encoder.encode_texts(
+            vectors, failures = await self.query_cache.encode_texts(
                 [q.text for q in queries], deadline, queries[0].request_id)
         except (EncoderUnavailable, EncoderRejected) as exc:
             return [exc] * len(queries)
@@ -241,15 +254,13 @@ class SearchServicer:
         store = await self._ready(context)
 
         async def work() -> search_pb2.SearchResponse:
-            top_k = self._top_k(request.top_k)
+            page = self._page("SearchImage", request, store)
             expression = self._expression(request.filter)
             vectors, failures = await self.encoder.encode_images(
                 [request.image], self._deadline(context), request_id(context))
             if failures:
                 raise BadRequest(failures[0].replace("images[0]", "image", 1))
-            [hits] = await self._in_db("search", partial(store.search, vectors, top_k,
-                                                         expression))
-            return _response(hits)
+            return await self._ranked(store, vectors[0], expression, page)
         return await self._guarded(work(), context)
 
     # ---- delete and stats -----------------------------------------------------------------

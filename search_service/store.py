@@ -117,6 +117,15 @@ class StoreHit:
     metadata_json: str
 
 
+# Milvus Lite is a gRPC server in this very process, reached over loopback. pymilvus's
+# channel sends keepalive pings every 10 s even with no call in flight; the Lite server keeps
+# gRPC's default policy (a ping without data at most every 5 minutes, none when idle), counts
+# them as strikes, and past two answers GOAWAY ENHANCE_YOUR_CALM "too_many_pings", which gRPC
+# core logs at error level in a healthy service. A loopback channel needs no keepalive: it is
+# off for Lite (2**31-1 ms is gRPC's "never"). A server URI keeps pymilvus's settings.
+LITE_GRPC_OPTIONS: dict[str, Any] = {"grpc.keepalive_time_ms": 2**31 - 1,
+                                     "grpc.keepalive_permit_without_calls": False}
+
 # pymilvus shares one embedded Lite server per path and never stops it; count our users of
 # each path so that closing the last store releases the file lock.
 _lite_users: dict[str, int] = {}
@@ -189,7 +198,8 @@ class VectorStore:
         self._closed = False
 
         with self._calls("connect"):
-            self._client = MilvusClient(self.uri, token=token, timeout=timeout_s)
+            lite = {"grpc_options": LITE_GRPC_OPTIONS} if self._lite_path else {}
+            self._client = MilvusClient(self.uri, token=token, timeout=timeout_s, **lite)
         if self._lite_path:
             with _lite_lock:
                 _lite_users[self._lite_path] = _lite_users.get(self._lite_path, 0) + 1

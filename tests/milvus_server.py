@@ -1,4 +1,4 @@
-"""Pytest fixtures for a real Milvus server (clipsearch/milvus_server.py starts it).
+"""Pytest fixtures for a real Milvus server (tests/milvus_launcher.py starts it).
 
 The `milvus_server` fixture (session scope) yields the server's URI; it fails the tests
 that use it when the server cannot start, unless CLIPSEARCH_TEST_MILVUS_SERVER=0, which
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from clipsearch.milvus_server import (
+from tests.milvus_launcher import (
     SKIP_ENV,
     MilvusServerError,
     MilvusServerProcess,

@@ -29,8 +29,8 @@ def wait_for(condition: object, timeout_s: float, what: str) -> None:
 
 
 def succeeds(client: SearchClient) -> bool:
-    try:
-        client.search_text("a red circle")
+    try:  # a new text each time: a cached one would not need the encoder
+        client.search_text(f"a red circle {time.monotonic_ns()}")
     except Unavailable:
         return False
     return True
@@ -122,9 +122,10 @@ def test_encoder_restart_under_running_search(tiny_clip: Path, tmp_path: Path) -
         with SearchClient(search.address, timeout_s=10) as client:
             assert client.search_text("a red circle") == []
             encoder.stop(signal.SIGKILL)
+            assert client.search_text("a red circle") == []  # its vector is cached
             started = time.monotonic()
             with pytest.raises(Unavailable, match=f"encoder unavailable \\({encoder.address}\\)"):
-                client.search_text("a red circle")
+                client.search_text("a red square")
             assert time.monotonic() - started < 5
             encoder = start_service(encoder_args, tmp_path / "encoder.log", port=port)
             wait_for(lambda: succeeds(client), 10, "searches did not recover")
@@ -141,8 +142,8 @@ def test_losing_one_of_two_replicas_loses_no_search(tiny_clip: Path, tmp_path: P
         running(["serve", "search", "--encoder", f"{first.address},{second.address}",
                  "--milvus", str(tmp_path / "milvus.db")], tmp_path / "search.log") as search:
         with SearchClient(search.address, timeout_s=10) as client:
-            for _ in range(4):
-                client.search_text("a blue star")
+            for i in range(4):  # new texts: a cached one would not reach a replica
+                client.search_text(f"a blue star, warm-up {i}")
             first.stop(signal.SIGKILL)
             results = [client.search_text(f"a blue star {i}") for i in range(20)]
         assert len(results) == 20

@@ -11,10 +11,18 @@ Error semantics (gRPC status of the whole call):
   INVALID_ARGUMENT    the call as a whole is unusable: no items, more items
                       than the server's limit, a text that is not UTF-8
                       (the message names the item index).
-  RESOURCE_EXHAUSTED  the message is over the server's size limit, or the
-                      batching queue is full (retry later, with backoff).
-  UNAVAILABLE         the model is not loaded yet (health is NOT_SERVING) or
-                      the server is shutting down.
+  RESOURCE_EXHAUSTED  the message is over the server's size limit, the
+                      batching queue is full, or the GPU ran out of memory
+                      for this call's items even in a batch of one (retry
+                      later, with backoff). A batch that runs out of memory
+                      is retried in halves first, so one large call does
+                      not fail its neighbours.
+  UNAVAILABLE         the model is not loaded yet (health is NOT_SERVING),
+                      the server is shutting down, or its GPU failed in a
+                      way that needs a new process (illegal address,
+                      device-side assert): health turns NOT_SERVING and the
+                      process exits non-zero for its supervisor to restart
+                      it; retry on another replica.
   UNAUTHENTICATED     a token is configured and the call did not carry
                       `authorization: Bearer <token>`.
   DEADLINE_EXCEEDED   the call's deadline passed before its batch ran.
@@ -224,6 +232,12 @@ class ModelInfo(_message.Message):
     CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
     IMAGE_RESOLUTION_FIELD_NUMBER: _builtins.int
     FINGERPRINT_FIELD_NUMBER: _builtins.int
+    DEVICE_NOTE_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
+    ARCHITECTURE_FIELD_NUMBER: _builtins.int
+    TOKENIZER_FIELD_NUMBER: _builtins.int
+    TEXT_TRUNCATION_FIELD_NUMBER: _builtins.int
+    PREPROCESS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The model's name ("ViT-B/32") or the checkpoint file it was loaded from."""
     dimension: _builtins.int
@@ -239,13 +253,38 @@ class ModelInfo(_message.Message):
     max_items_per_call: _builtins.int
     """Most items accepted in one EncodeText/EncodeImage call."""
     context_length: _builtins.int
-    """Text context length in tokens (77 for CLIP)."""
+    """Text context length in tokens (77 for CLIP, 64 for SigLIP): the
+    tokenizer's, after which texts are cut (EncodeResult.truncated).
+    """
     image_resolution: _builtins.int
-    """Square input resolution of the image tower, pixels (224 for ViT-B/32)."""
+    """Input resolution of the image tower, pixels (224 for ViT-B/32); the larger
+    side for a non-square input (ImagePreprocess has both).
+    """
     fingerprint: _builtins.str
     """A short fingerprint of the weights (sha256 of the state dict, 16 hex
     digits): two encoders with the same fingerprint give the same vectors.
     """
+    device_note: _builtins.str
+    """Why the encoder runs on this device when it was not asked for it: set when
+    `--device auto` found no usable GPU and fell back to the CPU (the reason
+    torch gave, e.g. a driver too old for its CUDA build); empty otherwise.
+    """
+    family: _builtins.str
+    """The model family: "openai" (OpenAI's `clip` package, the default) or
+    "open_clip" (OpenCLIP: names "open_clip:ARCH/TAG").
+    """
+    architecture: _builtins.str
+    """The architecture and weights ("ViT-B/32", "ViT-B-16-SigLIP/webli")."""
+    tokenizer: _builtins.str
+    """The tokenizer: "clip-bpe" (CLIP's byte-pair encoding) or "hf:NAME" (a
+    Hugging Face tokenizer, e.g. "hf:timm/ViT-B-16-SigLIP", "hf:xlm-roberta-base").
+    """
+    text_truncation: _builtins.str
+    """How a text longer than context_length is cut, in words."""
+    @_builtins.property
+    def preprocess(self) -> Global___ImagePreprocess:
+        """How an image becomes the image tower's input."""
+
     def __init__(
         self,
         *,
@@ -259,11 +298,68 @@ class ModelInfo(_message.Message):
         context_length: _builtins.int = ...,
         image_resolution: _builtins.int = ...,
         fingerprint: _builtins.str = ...,
+        device_note: _builtins.str = ...,
+        family: _builtins.str = ...,
+        architecture: _builtins.str = ...,
+        tokenizer: _builtins.str = ...,
+        text_truncation: _builtins.str = ...,
+        preprocess: Global___ImagePreprocess | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["preprocess", b"preprocess"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "device", b"device", "dimension", b"dimension", "fingerprint", b"fingerprint", "image_resolution", b"image_resolution", "max_batch", b"max_batch", "max_delay_ms", b"max_delay_ms", "max_items_per_call", b"max_items_per_call", "name", b"name", "precision", b"precision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "context_length", b"context_length", "device", b"device", "device_note", b"device_note", "dimension", b"dimension", "family", b"family", "fingerprint", b"fingerprint", "image_resolution", b"image_resolution", "max_batch", b"max_batch", "max_delay_ms", b"max_delay_ms", "max_items_per_call", b"max_items_per_call", "name", b"name", "precision", b"precision", "preprocess", b"preprocess", "text_truncation", b"text_truncation", "tokenizer", b"tokenizer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class ImagePreprocess(_message.Message):
+    """The model's own image preprocessing (the reference `preprocess(img)`)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    RESIZE_MODE_FIELD_NUMBER: _builtins.int
+    INTERPOLATION_FIELD_NUMBER: _builtins.int
+    CENTER_CROP_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    STD_FIELD_NUMBER: _builtins.int
+    height: _builtins.int
+    """Input size of the image tower, pixels."""
+    width: _builtins.int
+    resize_mode: _builtins.str
+    """"shortest": resize the short side to the input size, then centre-crop;
+    "longest": resize the long side, then pad; "squash": resize both sides.
+    """
+    interpolation: _builtins.str
+    """Resampling filter of the resize ("bicubic", "bilinear")."""
+    center_crop: _builtins.bool
+    """Whether a centre crop follows the resize."""
+    @_builtins.property
+    def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Per-channel (RGB) normalisation applied to pixels scaled to [0, 1]:
+        (x - mean) / std.
+        """
+
+    @_builtins.property
+    def std(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        height: _builtins.int = ...,
+        width: _builtins.int = ...,
+        resize_mode: _builtins.str = ...,
+        interpolation: _builtins.str = ...,
+        center_crop: _builtins.bool = ...,
+        mean: _abc.Iterable[_builtins.float] | None = ...,
+        std: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["center_crop", b"center_crop", "height", b"height", "interpolation", b"interpolation", "mean", b"mean", "resize_mode", b"resize_mode", "std", b"std", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImagePreprocess: _TypeAlias = ImagePreprocess  # noqa: Y015
