@@ -29,18 +29,18 @@ import torch
 import torchvision
 from PIL import Image
 
+from benchmarks.gpu_encoder import TEXTS, cosines, reference_vectors
+from benchmarks.gpu_encoder import encode as encode_pixels
 from benchmarks.loadgen import LoadConfig, run
 from benchmarks.sections import PHOTOS, SEARCH_REQUEST, _photo_folder, _report_dict, timed
 from client import SearchClient, image_files
 from encoder_service.device import PARITY_MIN_COSINE
 from encoder_service.images import PreprocessStages, image_pixels
-from encoder_service.model import LoadedModel, build_model, clip, load_model
+from encoder_service.model import clip, load_model
 from encoder_service.testmodels import cached_random_vit_b32
 from tests.servers import running
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
-TEXTS = ["a white dog", "a red sports car on a wet road at night", "a bowl of soup",
-         " ".join(["photo"] * 90)]
 
 
 def environment() -> dict[str, Any]:
@@ -62,29 +62,6 @@ def environment() -> dict[str, Any]:
 
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.asarray(np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1)
-                      / np.linalg.norm(b, axis=1))
-
-
-def reference_vectors(checkpoint: Path, photos: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """The seed's fp32 vectors on the CPU: the images and TEXTS."""
-    model = build_model(torch.load(checkpoint, map_location="cpu")).float().eval()
-    preprocess = clip.clip._transform(model.visual.input_resolution)
-    with torch.inference_mode():
-        images = torch.cat([model.encode_image(preprocess(Image.open(p)).unsqueeze(0))
-                            for p in photos])
-        texts = model.encode_text(clip.tokenize(TEXTS, truncate=True))
-    return (torch.nn.functional.normalize(images, dim=-1).numpy(),
-            torch.nn.functional.normalize(texts, dim=-1).numpy())
-
-
-def encode_pixels(model: LoadedModel, stages: PreprocessStages,
-                  pixels: list[np.ndarray]) -> np.ndarray:
-    with model.on_stream("image"):
-        return model.encode_images(stages.batch(pixels, model.device))
 
 
 def parity(checkpoint: Path, photos: list[Path], precisions: list[str]) -> list[dict[str, Any]]:

@@ -19,18 +19,32 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from encoder_service.device import PARITY_MIN_COSINE
 from encoder_service.images import PreprocessStages, image_pixels
 from encoder_service.model import LoadedModel, build_model, clip, load_model
 from encoder_service.testmodels import cached_random_vit_b32
 
-TEXTS = ["a white dog", "a red sports car on a wet road at night", " ".join(["photo"] * 90)]
+TEXTS = ["a white dog", "a red sports car on a wet road at night", "a bowl of soup",
+         " ".join(["photo"] * 90)]
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray(np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1)
                       / np.linalg.norm(b, axis=1))
+
+
+def reference_vectors(checkpoint: Path, photos: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """The seed's fp32 vectors on the CPU: the photos and TEXTS, unit length."""
+    reference = build_model(torch.load(checkpoint, map_location="cpu")).float().eval()
+    preprocess = clip.clip._transform(reference.visual.input_resolution)
+    with torch.inference_mode():
+        images = torch.cat([reference.encode_image(preprocess(Image.open(p)).unsqueeze(0))
+                            for p in photos])
+        texts = reference.encode_text(clip.tokenize(TEXTS, truncate=True))
+    return (torch.nn.functional.normalize(images, dim=-1).numpy(),
+            torch.nn.functional.normalize(texts, dim=-1).numpy())
 
 
 def synchronize() -> None:
@@ -96,15 +110,7 @@ def main(photos_dir: str, out_dir: str, quick: bool = False) -> int:
     results: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda,
                                "device": torch.cuda.get_device_name(0) if device == "cuda"
                                else "cpu", "photos": len(photos)}
-    reference = build_model(torch.load(checkpoint, map_location="cpu")).float().eval()
-    preprocess = clip.clip._transform(reference.visual.input_resolution)
-    from PIL import Image
-    with torch.inference_mode():
-        ref_images = torch.nn.functional.normalize(torch.cat(
-            [reference.encode_image(preprocess(Image.open(p)).unsqueeze(0)) for p in photos]),
-            dim=-1).numpy()
-        ref_texts = torch.nn.functional.normalize(
-            reference.encode_text(clip.tokenize(TEXTS, truncate=True)), dim=-1).numpy()
+    ref_images, ref_texts = reference_vectors(checkpoint, photos)
     results["parity"] = []
     for precision in ("fp32", "fp16"):
         model = load_model(str(checkpoint), device=device, precision=precision,

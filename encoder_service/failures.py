@@ -3,7 +3,7 @@ an error that poisons the CUDA context ends the process."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TypeVar
 
 import numpy as np
@@ -54,7 +54,3 @@ def encode_splitting_on_oom(encode: Callable[[list[Item]], np.ndarray],
     return [*encode_splitting_on_oom(encode, batch[:middle]),
             *encode_splitting_on_oom(encode, batch[middle:])]
 
-
-def failed_rows(rows: Sequence[object]) -> list[int]:
-    """Indexes of the rows that are failures rather than vectors."""
-    return [i for i, row in enumerate(rows) if isinstance(row, BaseException)]
