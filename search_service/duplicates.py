@@ -1,44 +1,75 @@
-"""Near-duplicate groups over a whole collection (or a filtered part) in bounded memory.
+"""Near-duplicate groups over a whole collection (or a filtered part), exact, with the
+vectors on disk rather than in memory, on Milvus Lite and on a Milvus server alike.
 
-Two exact strategies, one per backend, both feeding a union-find over ids whose groups
-are the connected components (two images are in one group when a chain of pairs at or
-above the threshold joins them). Memory holds one or two chunks of vectors and the ids
-that have at least one near-duplicate, never the whole collection.
+A group is a connected component of the graph whose edges join two stored images at
+cosine >= threshold (a chain of near-duplicates is one group). The scan:
 
-* Milvus server (`DuplicateFinder`): the collection is read in chunks with the query
-  iterator (ids and vectors); each chunk is range-searched against the collection
-  (cosine >= threshold, same filter). A query that fills its `per_query` limit is asked
-  again with the deepest limit Milvus serves (16384); only an image with more than 16384
-  near-duplicates could then miss a pair, and that pair is still found from the other
-  side. Measured at 10k 512-d rows, FLAT: 1.2 s per 256 queries; chunks are 64.
-* Milvus Lite (`BlockScan`): Lite's range search costs ~80 ms per query at 10k rows
-  (20 s per chunk of 256, past the call deadline), so chunks are compared with each other
-  in numpy instead: each chunk A against the rows whose id is >= A's smallest id (read
-  with a second iterator), as float32 dot products of the stored unit vectors. Every
-  pair x < y is seen from x's chunk; the work is quadratic but runs at BLAS speed.
+1. **Spill**: the matching rows (id and vector) are read once with the query iterator,
+   in batches of ~4 MiB of vectors. The vectors are appended as float32 to an unnamed
+   temporary file (`tempfile.TemporaryFile` in `spill_dir`: on Linux it has no name, so
+   nothing is left behind even if the process is killed; it is closed, and its space
+   freed, when the scan ends, fails or is stopped). The ids stay in memory as UTF-8 bytes.
+2. **Blocked scan**: blocks of B rows; block i against every block j >= i, as float32 dot
+   products of the stored unit vectors through numpy's BLAS (`A @ B.T`), with the pairs
+   at or above `float32(threshold)`; within a block only its upper triangle, so every pair
+   is compared exactly once, as brute force over all rows would (same float32 comparison).
+3. **Union-find** over the ids of the pairs found; its components of two or more are the
+   groups. Within one block pair, the pairs are first reduced to their components in numpy
+   (one union per node, not per pair), so that a large group of copies costs no more than
+   the rows it has.
+
+What the scan itself holds in memory, for a collection of N rows:
+* ids: their UTF-8 length + 4 bytes per row (68 bytes for the service's sha256 hex ids);
+* the block buffers: 8·B·d + 5·B² bytes (~32 MiB; B ~ 2300 at d = 512), plus ~12 MiB
+  while a block pair's matching rows are reduced;
+* one iterator batch while reading (~4 MiB of vectors, ~8x that as pymilvus's lists);
+* ~210 bytes per row that has a near-duplicate (the union-find: id string, parent,
+  best score; measured with tracemalloc over 100k ids in pairs).
+The vectors are read back with `readinto` into the block buffers, not memory-mapped:
+mapped pages count in the process's RSS (measured: reading a mapped 200 MB spill through
+raised RSS by 200 MB; reads left it flat). Disk: 4·d bytes per row (2 GiB for 1M 512-d
+rows). Time: N²·d multiply-adds at BLAS speed after one read of the rows.
+Measured for the whole call (results/search_features.md, 100k rows): 72 s and +161 MB RSS
+on a server, 88 s and +319 MB on Milvus Lite, whose `query()` materialises every row of
+the collection for each iterator batch (its memory, in this process).
+
+The scan calls `stop()` between batches and block pairs; when it returns True the scan
+ends with `ScanStopped` (a TimeoutError: DEADLINE_EXCEEDED) and the spill is freed. The
+service passes one that turns True when the call is cancelled or its deadline passes.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
-from collections.abc import Iterator
+import math
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO
 
 import numpy as np
 
-from search_service.filters import quote
-from search_service.paging import MAX_POSITION
-from search_service.store import _SESSION, _STRONG, VectorStore, _search_params
+from search_service.store import _STRONG, VectorStore
 
 log = logging.getLogger("clipsearch.search.duplicates")
 
-__all__ = ["DEFAULT_THRESHOLD", "BlockScan", "DuplicateFinder", "UnionFind",
-           "find_duplicate_groups"]
+__all__ = ["DEFAULT_THRESHOLD", "BlockedScan", "ScanStopped", "Spill", "UnionFind",
+           "block_rows", "find_duplicate_groups"]
 
 DEFAULT_THRESHOLD = 0.95
-_CHUNK = 64  # queries per range search: ~3 s at 100k rows on a server (10 s deadline)
-_PER_QUERY = 64
+_READ_BYTES = 4 << 20  # of float32 vectors per iterator batch (2048 rows at 512-d)
+_MAX_READ_ROWS = 16384  # pymilvus's largest iterator batch
+_BLOCK_BYTES = 32 << 20  # the block buffers' budget (see block_rows)
+_REDUCE_ROWS = 256  # matching rows of a block pair reduced at a time: bounds the pair arrays
+
+
+class ScanStopped(TimeoutError):
+    """The caller went away or its deadline passed; the scan stopped early."""
+
+
+def _never() -> bool:
+    return False
 
 
 @dataclass
@@ -58,10 +89,13 @@ class UnionFind:
             x = parent[x]
         return x
 
-    def union(self, a: str, b: str, score: float) -> None:
-        for x in (a, b):
-            if score > self.best.get(x, -2.0):
-                self.best[x] = score
+    def note(self, x: str, score: float) -> None:
+        """Records that `x` has a near-duplicate at `score` (keeps the best)."""
+        if score > self.best.get(x, -2.0):
+            self.best[x] = score
+
+    def link(self, a: str, b: str) -> None:
+        """Joins the sets of `a` and `b`."""
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return
@@ -69,6 +103,12 @@ class UnionFind:
             ra, rb = rb, ra
         self.parent[rb] = ra
         self.size[ra] = self.size.get(ra, 1) + self.size.pop(rb, 1)
+
+    def union(self, a: str, b: str, score: float) -> None:
+        """Joins `a` and `b`, a pair at `score`."""
+        self.note(a, score)
+        self.note(b, score)
+        self.link(a, b)
 
     def groups(self) -> list[list[str]]:
         """The components of two or more ids: largest first, members sorted, ties of
@@ -80,63 +120,72 @@ class UnionFind:
         return sorted(found, key=lambda g: (-len(g), g[0]))
 
 
-@dataclass
-class DuplicateFinder:
-    """Runs the scan of one FindDuplicates call (blocking; call from a worker thread)."""
+class Spill:
+    """Rows read once: ids in memory (UTF-8 per read batch, with uint32 ends), vectors
+    as float32 in an unnamed temporary file in `directory` (None: the system's)."""
 
-    store: VectorStore
-    threshold: float
-    expression: str = ""
-    chunk: int = _CHUNK
-    per_query: int = _PER_QUERY
-    scanned: int = 0
-    searches: int = 0
+    def __init__(self, dimension: int, directory: str | None = None) -> None:
+        self.dimension = dimension
+        self.rows = 0
+        # Closed by close() / __exit__ (the scan uses it as a context manager).
+        self._file: IO[bytes] = tempfile.TemporaryFile(dir=directory,  # noqa: SIM115
+                                                       prefix="clipsearch-duplicates-")
+        self._firsts: list[int] = []
+        self._blobs: list[bytes] = []
+        self._ends: list[np.ndarray] = []
 
-    def _radius(self) -> float:
-        return float(np.nextafter(np.float32(self.threshold), np.float32(-np.inf)))
+    def append(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        """Adds rows at the end."""
+        if vectors.shape != (len(ids), self.dimension):
+            raise ValueError(f"{len(ids)} ids with vectors of shape {vectors.shape}")
+        encoded = [i.encode("utf-8") for i in ids]
+        self._firsts.append(self.rows)
+        self._blobs.append(b"".join(encoded))
+        self._ends.append(np.cumsum([len(e) for e in encoded]).astype(np.uint32))
+        self._file.seek(self.rows * self.dimension * 4)
+        self._file.write(np.ascontiguousarray(vectors, np.float32).tobytes())
+        self.rows += len(ids)
 
-    def _range_search(self, vectors: list[np.ndarray], limit: int) -> list[Any]:
-        store = self.store
-        params = dict(_search_params(store.index_type, limit))
-        params["radius"] = self._radius()
+    def id(self, row: int) -> str:
+        """The id of row `row` (0-based, in reading order)."""
+        batch = bisect.bisect_right(self._firsts, row) - 1
+        k = row - self._firsts[batch]
+        ends = self._ends[batch]
+        start = int(ends[k - 1]) if k else 0
+        return self._blobs[batch][start:int(ends[k])].decode("utf-8")
 
-        def call() -> Any:
-            return store._client.search(
-                store.collection, data=vectors, anns_field="vector", filter=self.expression,
-                limit=limit, output_fields=[], consistency_level=_SESSION,
-                search_params={"metric_type": "COSINE", "params": params},
-                timeout=store._timeout)
+    def read(self, first: int, out: np.ndarray) -> np.ndarray:
+        """Rows first, first+1... into `out` (as many as fit); returns the filled part."""
+        count = min(len(out), self.rows - first)
+        self._file.seek(first * self.dimension * 4)
+        view = out.data.cast("B")[:count * self.dimension * 4]
+        got = self._file.readinto(view)  # type: ignore[attr-defined]
+        if got != len(view):
+            raise OSError(f"duplicate scan: short read of the spill file ({got} bytes)")
+        return out[:count]
 
-        self.searches += 1
-        return list(store._loaded("range search", call, self.expression))
+    def close(self) -> None:
+        """Frees the file (and its disk space)."""
+        self._file.close()
 
-    def _chunks(self) -> Iterator[list[dict[str, Any]]]:
-        return _chunks(self.store, self.expression, self.chunk)
+    def __enter__(self) -> Spill:
+        return self
 
-    def run(self) -> UnionFind:
-        """Scans the rows; returns the union-find of the near-duplicate pairs."""
-        sets = UnionFind()
-        for rows in self._chunks():
-            ids = [str(r["id"]) for r in rows]
-            vectors = [np.asarray(r["vector"], np.float32) for r in rows]
-            self.scanned += len(rows)
-            results = self._range_search(vectors, self.per_query)
-            for qid, vector, hits in zip(ids, vectors, results, strict=True):
-                if len(hits) >= self.per_query:  # saturated: ask for all of them
-                    [hits] = self._range_search([vector], MAX_POSITION)
-                    if len(hits) >= MAX_POSITION:
-                        log.warning("image %s has over %d near-duplicates at %.4f; pairs past "
-                                    "them are found from the other side only", qid,
-                                    MAX_POSITION, self.threshold)
-                for hit in hits:
-                    other = str(hit["id"])
-                    if other != qid:
-                        sets.union(qid, other, float(hit["distance"]))
-        return sets
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def _chunks(store: VectorStore, expression: str, size: int) -> Iterator[list[dict[str, Any]]]:
-    """The rows matching `expression` (id and vector), `size` at a time."""
+def block_rows(dimension: int, budget: int = _BLOCK_BYTES) -> int:
+    """Rows per block so that two blocks of vectors (8·B·d bytes), their float32 scores
+    (4·B²) and the triangle mask of a diagonal block (B²) fit in `budget` bytes; a
+    multiple of 64, at least 64."""
+    rows = (-8 * dimension + math.sqrt((8 * dimension) ** 2 + 20 * budget)) / 10
+    return max(64, int(rows) // 64 * 64)
+
+
+def _batches(store: VectorStore, expression: str, size: int
+             ) -> Iterator[tuple[list[str], np.ndarray]]:
+    """The ids and float32 vectors of the rows matching `expression`, `size` at a time."""
     with store._calls("query iterator", expression):
         iterator = store._client.query_iterator(
             store.collection, batch_size=size, filter=expression,
@@ -147,49 +196,115 @@ def _chunks(store: VectorStore, expression: str, size: int) -> Iterator[list[dic
                 rows = iterator.next()
             if not rows:
                 return
-            yield rows
+            batch = ([str(r["id"]) for r in rows],
+                     np.asarray([r["vector"] for r in rows], np.float32))
+            # pymilvus decodes vectors as lists of floats, ~8x their float32 size: let them
+            # go before the next batch is fetched, or two batches are alive at once.
+            del rows
+            yield batch
     finally:
         iterator.close()
 
 
+def _components(u: np.ndarray, v: np.ndarray, nodes: int) -> np.ndarray:
+    """Component labels (the smallest node of each component) of the graph with edges
+    u[k]-v[k] over nodes 0..nodes-1: min-label propagation with pointer jumping."""
+    labels = np.arange(nodes)
+    while True:
+        low = np.minimum(labels[u], labels[v])
+        new = labels.copy()
+        np.minimum.at(new, u, low)
+        np.minimum.at(new, v, low)
+        new = new[new]
+        if np.array_equal(new, labels):
+            return labels
+        labels = new
+
+
 @dataclass
-class BlockScan:
-    """The Lite strategy: chunk against chunk in numpy (see the module's docstring)."""
+class BlockedScan:
+    """One FindDuplicates scan (blocking; call from a worker thread). `block` (rows per
+    block) and `read_batch` (rows per iterator batch) default to the memory budgets."""
 
     store: VectorStore
     threshold: float
     expression: str = ""
-    chunk: int = 2048
+    block: int = 0
+    read_batch: int = 0
+    spill_dir: str | None = None
+    stop: Callable[[], bool] = _never
     scanned: int = 0
-    compared: int = 0
+    block_pairs: int = 0
+    pairs: int = 0
 
     def run(self) -> UnionFind:
+        """Reads and scans the rows; returns the union-find of the near-duplicate pairs."""
+        dimension = self.store.dimension
+        batch = self.read_batch or min(_MAX_READ_ROWS, max(1, _READ_BYTES // (4 * dimension)))
+        with Spill(dimension, self.spill_dir) as spill:
+            for ids, vectors in _batches(self.store, self.expression, batch):
+                self._check_stop()
+                spill.append(ids, vectors)
+            self.scanned = spill.rows
+            return self._scan(spill)
+
+    def _check_stop(self) -> None:
+        if self.stop():
+            raise ScanStopped("FindDuplicates stopped: the call was cancelled or its "
+                              "deadline passed")
+
+    def _scan(self, spill: Spill) -> UnionFind:
         sets = UnionFind()
+        block = self.block or block_rows(spill.dimension)
         limit = np.float32(self.threshold)
-        for rows in _chunks(self.store, self.expression, self.chunk):
-            a_ids = [str(r["id"]) for r in rows]
-            a = np.asarray([r["vector"] for r in rows], np.float32)
-            self.scanned += len(rows)
-            after = f"id >= {quote(min(a_ids))}"
-            others = f"({self.expression}) and ({after})" if self.expression else after
-            for block in _chunks(self.store, others, self.chunk):
-                b_ids = [str(r["id"]) for r in block]
-                b = np.asarray([r["vector"] for r in block], np.float32)
-                self.compared += len(a_ids) * len(b_ids)
-                similar = a @ b.T
-                for i, j in zip(*np.nonzero(similar >= limit), strict=True):
-                    if a_ids[i] < b_ids[j]:
-                        sets.union(a_ids[i], b_ids[j], float(similar[i, j]))
+        a_buffer = np.empty((block, spill.dimension), np.float32)
+        b_buffer = np.empty_like(a_buffer)
+        scores = np.empty((block, block), np.float32)
+        below_diagonal = np.tri(block, dtype=bool)  # row >= column: self and pairs seen
+        for i in range(0, spill.rows, block):
+            a = spill.read(i, a_buffer)
+            for j in range(i, spill.rows, block):
+                self._check_stop()
+                b = a if j == i else spill.read(j, b_buffer)
+                s = scores[:len(a), :len(b)]
+                np.matmul(a, b.T, out=s)
+                if j == i:
+                    np.copyto(s, -np.inf, where=below_diagonal[:len(a), :len(b)])
+                self.block_pairs += 1
+                matching = np.flatnonzero(s.max(axis=1) >= limit)
+                for k in range(0, len(matching), _REDUCE_ROWS):
+                    rows = matching[k:k + _REDUCE_ROWS]
+                    self._join(sets, spill, s[rows] >= limit, s, rows, i, j)
         return sets
 
+    def _join(self, sets: UnionFind, spill: Spill, hits: np.ndarray, s: np.ndarray,
+              rows: np.ndarray, i: int, j: int) -> None:
+        """Adds the pairs of `hits` (rows x columns of one block pair) to `sets`: each
+        node once, linked to its component's smallest node, with its best score."""
+        r, c = np.nonzero(hits)
+        local_rows = rows[r]
+        score = s[local_rows, c]
+        self.pairs += len(score)
+        nodes, inverse = np.unique(np.concatenate([i + local_rows, j + c]),
+                                   return_inverse=True)
+        u, v = inverse[:len(r)], inverse[len(r):]
+        best = np.full(len(nodes), -np.inf, np.float32)
+        np.maximum.at(best, u, score)
+        np.maximum.at(best, v, score)
+        labels = _components(u, v, len(nodes))
+        ids = [spill.id(int(n)) for n in nodes]
+        for k, x in enumerate(ids):
+            sets.note(x, float(best[k]))
+            if labels[k] != k:
+                sets.link(x, ids[labels[k]])
 
-def find_duplicate_groups(store: VectorStore, threshold: float, expression: str = ""
+
+def find_duplicate_groups(store: VectorStore, threshold: float, expression: str = "", *,
+                          stop: Callable[[], bool] = _never, spill_dir: str | None = None
                           ) -> list[list[tuple[str, float]]]:
     """The near-duplicate groups at `threshold`: (id, best cosine to another member)."""
-    finder: DuplicateFinder | BlockScan
-    if store.backend == "milvus-lite":
-        finder = BlockScan(store, threshold, expression)
-    else:
-        finder = DuplicateFinder(store, threshold, expression)
-    sets = finder.run()
+    scan = BlockedScan(store, threshold, expression, spill_dir=spill_dir, stop=stop)
+    sets = scan.run()
+    log.info("duplicate scan: %d rows, %d block pairs, %d pairs at >= %.4f", scan.scanned,
+             scan.block_pairs, scan.pairs, threshold)
     return [[(x, sets.best[x]) for x in group] for group in sets.groups()]

@@ -12,6 +12,8 @@ encoder (all texts in one call, all images in another), an id's is its stored ve
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -239,6 +241,15 @@ class QueryRpcs:
                              context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[search_pb2.DuplicateGroup]:
         store = await self._ready(context)
+        # The scan runs on a Milvus thread, which a cancelled call cannot interrupt: it
+        # polls this between blocks (~0.1 s apart) and stops when the call has ended.
+        ended = threading.Event()
+        # grpc-stubs types the callback as a class; grpc takes any callable of the context.
+        context.add_done_callback(lambda _: ended.set())  # type: ignore[arg-type]
+        deadline = self._deadline(context)
+
+        def stopped() -> bool:
+            return ended.is_set() or (deadline is not None and time.monotonic() > deadline)
 
         async def scan() -> list[list[tuple[str, float]]]:
             threshold = float(request.threshold) or DEFAULT_THRESHOLD
@@ -246,9 +257,13 @@ class QueryRpcs:
                 raise QueryError(f"threshold must be within (0, 1], got {threshold}")
             expression = self._expression(request.filter)
             return await self._in_db("duplicates", partial(
-                find_duplicate_groups, store, threshold, expression))
+                find_duplicate_groups, store, threshold, expression, stop=stopped,
+                spill_dir=self.config.duplicates_spill_dir or None))
 
-        groups = await self._guarded(scan(), context)
+        try:
+            groups = await self._guarded(scan(), context)
+        finally:  # also on CancelledError, which is how a cancelled call ends here
+            ended.set()
         for group in groups:
             scores = dict(group)
             rows = await self._guarded(self._in_db("get", partial(

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from search_service.store import VectorStore
 from tests.milvus_launcher import (
     SKIP_ENV,
     MilvusServerError,
@@ -21,7 +24,7 @@ from tests.milvus_launcher import (
     start_milvus_server,
 )
 
-__all__ = ["milvus_server", "milvus_server_process", "start_milvus_server"]
+__all__ = ["milvus_server", "milvus_server_process", "start_milvus_server", "store_on"]
 
 
 # ---- pytest ---------------------------------------------------------------------------------
@@ -62,3 +65,20 @@ def milvus_server_process(
 def milvus_server(milvus_server_process: MilvusServerProcess) -> str:
     """The URI (http://127.0.0.1:PORT) of the session's Milvus server."""
     return milvus_server_process.uri
+
+
+# ---- a store on either backend ----------------------------------------------------------------
+
+
+def store_on(request: pytest.FixtureRequest, tmp_path: Path, dimension: int,
+             prefix: str) -> Iterator[VectorStore]:
+    """A fresh VectorStore on the backend `request.param` names ("lite": a file under
+    `tmp_path`; "server": a new collection in the session's server, dropped afterwards)."""
+    uri = (str(tmp_path / "milvus.db") if request.param == "lite"
+           else str(request.getfixturevalue("milvus_server")))
+    opened = VectorStore(uri, collection=f"{prefix}_{uuid.uuid4().hex[:12]}",
+                         dimension=dimension, model="m", model_fingerprint="sha256:m")
+    yield opened
+    if request.param == "server":
+        opened._client.drop_collection(opened.collection)
+    opened.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 
 from clipsearch.search.v1 import search_pb2
-from search_service.duplicates import BlockScan, DuplicateFinder, UnionFind
+from search_service.duplicates import BlockedScan, UnionFind
 from search_service.paging import (
     MAX_POSITION,
     PagingError,
@@ -28,6 +27,7 @@ from search_service.queries import QueryError, QueryRpcs, combine
 from search_service.query_cache import QueryCache
 from search_service.ranked import collapse, get_rows, ranked_page, search_window
 from search_service.store import StoredImage, VectorStore
+from tests.milvus_server import store_on
 
 DIM = 32
 
@@ -148,14 +148,7 @@ def test_a_combined_query_makes_one_encoder_call_per_kind() -> None:
 
 @pytest.fixture(params=["lite", "server"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VectorStore]:
-    uri = (str(tmp_path / "milvus.db") if request.param == "lite"
-           else str(request.getfixturevalue("milvus_server")))
-    opened = VectorStore(uri, collection=f"o_{uuid.uuid4().hex[:12]}", dimension=DIM,
-                         model="m", model_fingerprint="sha256:m")
-    yield opened
-    if request.param == "server":
-        opened._client.drop_collection(opened.collection)
-    opened.close()
+    yield from store_on(request, tmp_path, DIM, "o")
 
 
 def _rows(n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
@@ -206,15 +199,12 @@ def test_store_pages_min_score_collapse_and_duplicates(store: VectorStore) -> No
     # Duplicates: the exact copies and the near copy; nothing else is that close.
     assert float(vectors[2] @ vectors[4]) >= 0.99
     expected = sorted([sorted([ids[0], ids[1]]), sorted([ids[2], ids[4]])])
-    finder = DuplicateFinder(store, 0.99, chunk=64, per_query=2)  # 2: saturates, re-asks
-    assert finder.run().groups() == expected and finder.scanned == 300
-    scan = BlockScan(store, 0.99, chunk=64)
+    scan = BlockedScan(store, 0.99, block=64, read_batch=50)
     assert scan.run().groups() == expected and scan.scanned == 300
-    assert scan.compared < 300 * 300  # each chunk meets only the rows from its own on
+    assert scan.block_pairs == 5 * 6 // 2  # 5 blocks: each pair of blocks once
     # A filter compares only the matching rows: row 2 (k == "2") leaves the second pair.
     where = 'metadata["k"] != "2"'
-    assert BlockScan(store, 0.99, where, chunk=64).run().groups() == [expected[0]]
-    assert DuplicateFinder(store, 0.99, where).run().groups() == [expected[0]]
+    assert BlockedScan(store, 0.99, where, block=64).run().groups() == [expected[0]]
     # Get: rows by id, vectors only when asked.
     [row] = get_rows(store, [ids[5]], with_vectors=True)
     np.testing.assert_allclose(row.vector, vectors[5], atol=1e-6)

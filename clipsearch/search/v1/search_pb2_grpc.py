@@ -147,9 +147,11 @@ class SearchServicer:
     def FindDuplicates(self, request, context):
         """Groups of near-duplicate images (connected components of the graph whose
         edges join images at cosine >= threshold), one message per group of two or
-        more, largest first, once the scan is complete. Memory is bounded by the
-        images that have a near-duplicate, not by the collection's size; time grows
-        with the square of the rows compared (FLAT).
+        more, largest first, once the scan is complete. The scan is exact; it holds
+        the ids of the rows compared and the images that have a near-duplicate in
+        memory, not their vectors (those go to a temporary file on the service's
+        disk); time grows with the square of the rows compared. A cancelled call or
+        a passed deadline stops the scan.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
