@@ -26,7 +26,6 @@ from search_service.store import (
     StoredImage,
     StoreHit,
     VectorStore,
-    _search_params,
 )
 
 __all__ = ["MAX_GET_IDS", "RankedHit", "collapse", "get_rows", "ranked_page", "search_window"]
@@ -56,7 +55,7 @@ def search_window(store: VectorStore, vector: np.ndarray, expression: str, offse
     if not (offset >= 0 and limit >= 1 and offset + limit <= MAX_POSITION):
         raise ValueError(f"offset {offset} + limit {limit} is past the deepest reachable "
                          f"position ({MAX_POSITION})")
-    params = dict(_search_params(store.index_type, offset + limit))
+    params = store.search_params(offset + limit)
     if min_score is not None and min_score > -1.0:  # every cosine is >= -1
         params["radius"] = _radius(min_score)
     output = [*_OUTPUT_FIELDS, "vector"] if with_vectors else list(_OUTPUT_FIELDS)
