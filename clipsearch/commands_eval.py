@@ -11,7 +11,16 @@ CLIP's prompt ("a photo of a {label}."); captions are used as they are. The enco
 * text-to-image recall@k: a text finds its pictures when one of them is among the k
   pictures most similar to it, over all the pictures.
 
-Each is printed beside its chance level (what random vectors would score)."""
+Each is printed beside its chance level (what random vectors would score).
+
+With `--search ADDRESS` the measure runs through both services, as users search: the
+folder is indexed through the search service (its Index stream: the encoder encodes each
+picture and the vectors are stored in its Milvus collection), recall@k is that of
+SearchText (the search service encodes the text through its encoder and searches the
+collection), and zero-shot accuracy compares the vectors the collection stored (read back
+with Get) with the encoder's text vectors. Recall is then over everything the collection
+holds: a collection of its own (`serve search --collection eval`) measures the folder
+alone; its chance level counts every stored picture."""
 
 from __future__ import annotations
 
@@ -27,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client import EncoderClient
+from client import EncoderClient, SearchClient
 from client.search import image_files
 
 TEMPLATE = "a photo of a {label}."
@@ -55,6 +64,7 @@ class Report:
     texts: int
     source: str
     template: str
+    through: str = "encoder"  # or "search service at ADDRESS, collection C (N images)"
     accuracy: dict[str, float] = field(default_factory=dict)
     accuracy_chance: dict[str, float] = field(default_factory=dict)
     recall: dict[str, float] = field(default_factory=dict)
@@ -145,9 +155,70 @@ def evaluate(client: EncoderClient, labelled: Labelled, template: str,
         failed=failed)
 
 
+def _text_indices(texts: list[str], of_picture: list[str]) -> np.ndarray:
+    position = {text: i for i, text in enumerate(texts)}
+    return np.array([position[t] for t in of_picture])
+
+
+def evaluate_through_search(encoder: EncoderClient, search: SearchClient, labelled: Labelled,
+                            template: str, search_address: str = "",
+                            batch: int = 32) -> Report:
+    """Indexes the pictures through the search service and measures recall@k with
+    SearchText and zero-shot accuracy with the stored vectors (see the module docstring)."""
+    info, stats = encoder.model_info(), search.stats()
+    if stats.model_fingerprint != info.fingerprint:
+        raise SystemExit(f"error: the search service serves {stats.model} "
+                         f"({stats.model_fingerprint}), the encoder {info.name} "
+                         f"({info.fingerprint}): give --encoder the search service's encoder")
+    summary = search.index_files(labelled.paths)
+    failed = {f.uri: f.reason for f in summary.failures}
+    if summary.error:
+        raise SystemExit(f"error: indexing broke off: {summary.error}")
+    kept = [i for i, p in enumerate(labelled.paths) if str(p.resolve()) in summary.ids]
+    ids = [summary.ids[str(labelled.paths[i].resolve())] for i in kept]
+    texts = sorted({labelled.texts[i] for i in kept})
+    if len(texts) < 2:
+        raise SystemExit(f"error: {len(texts)} distinct label(s) or caption(s) among "
+                         f"{len(kept)} indexed pictures; eval needs at least 2")
+    text_of_image = _text_indices(texts, [labelled.texts[i] for i in kept])
+    # Pictures with the same bytes share an id (a content hash): a hit on it finds each.
+    texts_of_id: dict[str, set[int]] = {}
+    for image_id, text in zip(ids, text_of_image, strict=True):
+        texts_of_id.setdefault(image_id, set()).add(int(text))
+    stored: dict[str, np.ndarray] = {}
+    unique = list(texts_of_id)
+    for start in range(0, len(unique), 256):
+        for item in search.get(unique[start:start + 256], with_vectors=True).items:
+            if item.vector is not None:
+                stored[item.id] = item.vector
+    text_vectors = np.concatenate([encoder.encode_texts(texts[i:i + batch])
+                                   for i in range(0, len(texts), batch)])
+    accuracy, _ = measure(np.stack([stored[i] for i in ids]), text_of_image, text_vectors)
+    total = search.stats().count
+    deepest = min(max(KS), total)
+    first_hit = []  # per text: the rank of its first picture among SearchText's hits
+    for t, text in enumerate(texts):
+        hits = search.search_text(text, top_k=deepest)
+        first_hit.append(next((rank for rank, hit in enumerate(hits)
+                               if t in texts_of_id.get(hit.id, ())), deepest))
+    sizes = [sum(t in found for found in texts_of_id.values()) for t in range(len(texts))]
+    return Report(
+        model=f"{info.name} ({info.fingerprint})", images=len(kept), texts=len(texts),
+        source=labelled.source, template=template if labelled.source in LABEL_SOURCES else "",
+        through=f"search service at {search_address or '?'}, collection {stats.collection} "
+                f"({total} images)",
+        accuracy=accuracy,
+        accuracy_chance={f"top{k}": min(k, len(texts)) / len(texts) for k in (1, 5)
+                         if k <= len(texts)},
+        recall={f"@{k}": float(np.mean(np.array(first_hit) < k)) for k in KS if k <= total},
+        recall_chance={f"@{k}": _recall_chance(sizes, total, k) for k in KS if k <= total},
+        failed=failed)
+
+
 def print_table(report: Report) -> None:
     print(f"model {report.model}: {report.images} pictures, {report.texts} distinct texts "
-          f"from {report.source}" + (f", prompt {report.template!r}" if report.template else ""))
+          f"from {report.source}" + (f", prompt {report.template!r}" if report.template else "")
+          + f"; through the {report.through}")
     print(f"{'measure':<28}{'value':>8}{'chance':>9}")
     for name, value in report.accuracy.items():
         print(f"{'zero-shot accuracy ' + name:<28}{value:>8.3f}"
@@ -166,7 +237,12 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"error: no labelled pictures under {folder}", file=sys.stderr)
         return 2
     with EncoderClient(args.encoder, token=args.token, timeout_s=args.timeout) as client:
-        report = evaluate(client, labelled, args.template)
+        if args.search:
+            with SearchClient(args.search, token=args.token, timeout_s=args.timeout) as search:
+                report = evaluate_through_search(client, search, labelled, args.template,
+                                                 args.search)
+        else:
+            report = evaluate(client, labelled, args.template)
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(report), indent=2) + "\n")
@@ -184,7 +260,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     command.add_argument("--template", default=TEMPLATE,
                          help="prompt for labels (CLIP's: %(default)r)")
     command.add_argument("--encoder", default="127.0.0.1:50051", help="encoder address")
-    command.add_argument("--token", default="", help="bearer token of the encoder")
+    command.add_argument("--search", default="", metavar="ADDRESS",
+                         help="also index FOLDER through this search service and measure "
+                              "recall with its SearchText (use a collection of its own: "
+                              "recall is over everything the collection holds)")
+    command.add_argument("--token", default="",
+                         help="bearer token of the encoder (and of the search service: "
+                              "it must allow indexing)")
     command.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
     command.add_argument("--json", default="", metavar="FILE", help="also write the report")
     command.set_defaults(handler=_eval)

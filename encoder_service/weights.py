@@ -11,13 +11,14 @@ again when downloads are allowed. Replicas that share the folder (a volume under
 `docker compose up --scale encoder=3`) take an exclusive lock on `.<file>.lock` first,
 so one downloads and the others wait and then find the checked file.
 
-Two environment variables tune it (both read by the encoder at start):
+Two encoder options tune it (encoder_service/config.py; flag and environment variable):
 
-* `CLIPSEARCH_ENCODER_WEIGHTS_MIRROR`: a base URL serving the same layout as OpenAI's,
-  `<mirror>/<sha256>/<file>.pt` (an internal HTTP server or object store holding copies).
-  The hash is still checked, so a mirror cannot hand out other weights.
-* `CLIPSEARCH_ENCODER_DOWNLOAD_TIMEOUT_S` (default 60): how long connecting, or any single
-  read, may wait for data before the download fails as stalled.
+* `--weights-mirror` (`CLIPSEARCH_ENCODER_WEIGHTS_MIRROR`): a base URL serving the same
+  layout as OpenAI's, `<mirror>/<sha256>/<file>.pt` (an internal HTTP server or object
+  store holding copies). The hash is still checked, so a mirror cannot hand out other
+  weights.
+* `--download-timeout-s` (`CLIPSEARCH_ENCODER_DOWNLOAD_TIMEOUT_S`, default 60): how long
+  connecting, or any single read, may wait for data before the download fails as stalled.
 """
 
 from __future__ import annotations
@@ -39,12 +40,16 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
 
+from clipsearch.options import env_name, flag_name
+from encoder_service.config import ENV_PREFIX, EncoderConfig
+
 log = logging.getLogger("clipsearch.encoder.weights")
 
-MIRROR_ENV = "CLIPSEARCH_ENCODER_WEIGHTS_MIRROR"
-TIMEOUT_ENV = "CLIPSEARCH_ENCODER_DOWNLOAD_TIMEOUT_S"
-ENVIRONMENT = (MIRROR_ENV, TIMEOUT_ENV)
-DEFAULT_TIMEOUT_S = 60.0
+# The options themselves are EncoderConfig's; their names and default are read from it.
+MIRROR_ENV = env_name(ENV_PREFIX, "weights_mirror")
+TIMEOUT_ENV = env_name(ENV_PREFIX, "download_timeout_s")
+TIMEOUT_OPTION = f"{flag_name('download_timeout_s')} / {TIMEOUT_ENV}"
+DEFAULT_TIMEOUT_S: float = EncoderConfig.download_timeout_s
 PROGRESS_INTERVAL_S = 5.0
 CHUNK_BYTES = 1 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -111,11 +116,11 @@ def _remember(path: Path, digest: str, stamp: str) -> None:
 
 
 def ensure_weights(url: str, folder: str | Path, *, download: bool = True,
-                   mirror: str | None = None, timeout_s: float | None = None,
+                   mirror: str = "", timeout_s: float = DEFAULT_TIMEOUT_S,
                    progress_interval_s: float = PROGRESS_INTERVAL_S) -> Path:
     """The path of the checked weights file for `url` in `folder`, downloaded when missing
-    or damaged and `download` is true. `mirror` and `timeout_s` default to the
-    environment variables above. Raises WeightsError saying why when there is no usable
+    or damaged and `download` is true, from `mirror` when one is given (the encoder's
+    options above). Raises WeightsError saying why when there is no usable
     file. With downloads off, a file whose hash differs is used as it is, with a warning
     (it may be the operator's own copy)."""
     folder = Path(folder).expanduser()
@@ -133,8 +138,9 @@ def ensure_weights(url: str, folder: str | Path, *, download: bool = True,
                     "downloading it again", path, path.stat().st_size, actual, expected)
     elif not download:
         raise WeightsError("downloads are off")
-    mirror = os.environ.get(MIRROR_ENV, "") if mirror is None else mirror
-    timeout_s = timeout_s if timeout_s is not None else _timeout_from_env()
+    if not timeout_s > 0:
+        raise WeightsError(f"a download timeout of {timeout_s:g} s ({TIMEOUT_OPTION}) "
+                           f"cannot work: it must be over 0")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with _exclusive(folder / f".{path.name}.lock", path):
@@ -146,14 +152,6 @@ def ensure_weights(url: str, folder: str | Path, *, download: bool = True,
     except OSError as exc:
         raise WeightsError(f"cannot write to {folder}: {exc}") from exc
     return path
-
-
-def _timeout_from_env() -> float:
-    text = os.environ.get(TIMEOUT_ENV, "")
-    try:
-        return float(text) if text else DEFAULT_TIMEOUT_S
-    except ValueError as exc:
-        raise WeightsError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds") from exc
 
 
 @contextlib.contextmanager
@@ -258,7 +256,7 @@ def _fetch_into(url: str, out: IO[bytes], timeout_s: float, progress_interval_s:
     except TimeoutError as exc:
         raise WeightsError(f"the download of {url} stalled: no data for {timeout_s:g} s "
                            f"after {done} of {total or '?'} bytes "
-                           f"({TIMEOUT_ENV} sets the limit)") from exc
+                           f"({TIMEOUT_OPTION} sets the limit)") from exc
     except urllib.error.HTTPError as exc:
         raise WeightsError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
     except urllib.error.URLError as exc:

@@ -22,7 +22,6 @@ import yaml
 
 from clipsearch.options import add_options, from_namespace
 from encoder_service import config as encoder_config
-from encoder_service import weights
 from search_service import config as search_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,8 +199,6 @@ def env_problems(service: str, environment: dict[str, str]) -> list[str]:
     """Every CLIPSEARCH_* variable must be the variable of a flag of this service."""
     config_cls, prefix = CONFIGS[service]
     valid = {prefix + f.name.upper() for f in dataclasses.fields(config_cls)}
-    if service == "encoder":
-        valid |= set(weights.ENVIRONMENT)  # read by the weights download, not flags
     return [f"{service}: {name} is not a flag of `clipsearch serve {service}`"
             for name in environment if name.startswith("CLIPSEARCH_") and name not in valid]
 

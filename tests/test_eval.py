@@ -1,19 +1,23 @@
-"""`clipsearch eval` (issue 12): real encoder processes, labels from folders, file names, CSV."""
+"""`clipsearch eval` (issue 12): real encoder processes, labels from folders, file names, CSV;
+and end to end through both services (`--search`: indexed by the search service, recall
+from its SearchText), over Milvus Lite."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from client import SearchClient
 from clipsearch.commands_eval import label_pictures
 from encoder_service.testmodels import shape_dataset
 from tests.conftest import PHOTOS
-from tests.servers import RunningService
+from tests.servers import RunningService, running
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,14 +69,68 @@ def test_tiny_model_on_shapes_reports_its_real_recall(encoder_tiny: RunningServi
     assert "text-to-image recall@1" in table and "zero-shot accuracy top1" in table
 
 
-def test_random_weights_report_chance(encoder_fp32: RunningService, tmp_path: Path) -> None:
-    """200 ImageNet classes, labels from the file names: random weights are near chance
-    (top-1 chance 0.005)."""
+def _shapes(folder: Path) -> Path:
+    folder.mkdir()
+    for i, (image, text) in enumerate(shape_dataset(n_per_class=3, seed=31_337)):
+        image.save(folder / f"{text.replace(' ', '_')}_{i:04d}.png")
+    return folder
+
+
+def _search(encoder: RunningService, tmp_path: Path,
+            name: str) -> AbstractContextManager[RunningService]:
+    """A search service over `encoder` and a fresh Milvus Lite file, collection `name`."""
+    return running(["serve", "search", "--encoder", encoder.address, "--milvus",
+                    str(tmp_path / "milvus.db"), "--collection", name],
+                   tmp_path / f"search-{name}.log")
+
+
+def test_tiny_model_through_both_services(encoder_tiny: RunningService, tmp_path: Path) -> None:
+    """Indexed through the search service, recall from SearchText: the tiny model's real
+    recall, and the same as the encoder-only measure on the same pictures (FLAT is exact)."""
+    folder = _shapes(tmp_path / "shapes")
+    direct, through = tmp_path / "direct.json", tmp_path / "through.json"
+    run_eval(str(folder), "--encoder", encoder_tiny.address, "--json", str(direct))
+    with _search(encoder_tiny, tmp_path, "eval_tiny") as search:
+        table = run_eval(str(folder), "--encoder", encoder_tiny.address, "--search",
+                         search.address, "--json", str(through))
+        print(table)
+        assert SearchClient(search.address).stats().count == 90
+    report, alone = json.loads(through.read_text()), json.loads(direct.read_text())
+    assert report["through"] == (f"search service at {search.address}, collection "
+                                 "eval_tiny (90 images)")
+    assert report["images"] == 90 and report["texts"] == 30
+    assert report["recall"]["@1"] >= 0.9 and report["accuracy"]["top1"] >= 0.9
+    assert report["recall_chance"]["@1"] == pytest.approx(3 / 90, rel=1e-6)
+    for measure in ("recall", "accuracy"):
+        for k, value in alone[measure].items():
+            assert report[measure][k] == pytest.approx(value, abs=1 / 30 + 1e-9), (measure, k)
+
+
+def test_random_weights_through_both_services_report_chance(encoder_bf16: RunningService,
+                                                            tmp_path: Path) -> None:
+    """200 ImageNet classes, labels from the file names, the photos indexed through the
+    search service; random weights find their label's photo at chance (recall@10 chance
+    0.05, top-1 accuracy chance 0.005). (bf16: chance is chance, at half fp32's cost.)"""
     report_path = tmp_path / "report.json"
-    table = run_eval(str(PHOTOS), "--encoder", encoder_fp32.address, "--json",
-                        str(report_path))
+    with _search(encoder_bf16, tmp_path, "eval_random") as search:
+        print(run_eval(str(PHOTOS), "--encoder", encoder_bf16.address, "--search",
+                       search.address, "--json", str(report_path)))
     report = json.loads(report_path.read_text())
-    print(table)
+    assert report["through"].endswith("collection eval_random (200 images)")
     assert report["images"] == 200 and report["texts"] == 200
+    assert report["recall_chance"]["@10"] == pytest.approx(0.05)
     assert report["accuracy_chance"]["top1"] == pytest.approx(0.005)
     assert report["accuracy"]["top1"] <= 0.03 and report["recall"]["@10"] <= 0.2
+
+
+def test_search_service_of_another_model_is_refused(encoder_tiny: RunningService,
+                                                    encoder_fp32: RunningService,
+                                                    tmp_path: Path) -> None:
+    """Stored vectors of one model, queries of another: eval stops and says so."""
+    folder = _shapes(tmp_path / "shapes")
+    with _search(encoder_fp32, tmp_path, "eval_other") as search:
+        out = subprocess.run([sys.executable, "-m", "clipsearch.cli", "eval", str(folder),
+                              "--encoder", encoder_tiny.address, "--search", search.address],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "give --encoder the search service's encoder" in out.stderr

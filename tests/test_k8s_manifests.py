@@ -16,7 +16,6 @@ import yaml
 
 from encoder_service.config import ENV_PREFIX as ENCODER_PREFIX
 from encoder_service.config import EncoderConfig
-from encoder_service.weights import ENVIRONMENT as WEIGHTS_ENVIRONMENT
 from search_service.config import ENV_PREFIX as SEARCH_PREFIX
 from search_service.config import SearchConfig
 
@@ -48,7 +47,7 @@ def env_names(prefix: str, config: type) -> set[str]:
     return {prefix + f.name.upper() for f in fields(config)}
 
 
-REAL_SETTINGS = {"encoder": env_names(ENCODER_PREFIX, EncoderConfig) | set(WEIGHTS_ENVIRONMENT),
+REAL_SETTINGS = {"encoder": env_names(ENCODER_PREFIX, EncoderConfig),
                  "search": env_names(SEARCH_PREFIX, SearchConfig)}
 
 

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from clipsearch.cli import build_parser
+from clipsearch.options import from_namespace
 from encoder_service import weights
+from encoder_service.config import EncoderConfig
 from encoder_service.model import ModelLoadError, clip, load_model
 from encoder_service.weights import WeightsError, ensure_weights
 from tests.servers import start_service
@@ -136,13 +139,31 @@ def test_concurrent_processes_download_once(server: WeightsServer, tmp_path: Pat
     assert leftovers(tmp_path) == []
 
 
-def test_mirror_from_the_environment(server: WeightsServer, tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """The URL names OpenAI's host; the mirror serves the same <sha256>/<file> layout."""
+def test_mirror_and_timeout_are_encoder_options(server: WeightsServer, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flag, environment variable and default of each come from EncoderConfig, as the
+    encoder parses them, and reach the loader: the URL names OpenAI's host, the mirror
+    serves the same <sha256>/<file> layout."""
     published = f"https://openaipublic.invalid/clip/models/{server.sha256}/ViT-B-32.pt"
+    monkeypatch.setitem(clip.clip._MODELS, "ViT-B/32", published)
+
+    def config(*argv: str) -> EncoderConfig:
+        return from_namespace(EncoderConfig, build_parser().parse_args(["serve", "encoder",
+                                                                        *argv]))
+    assert (config().weights_mirror, config().download_timeout_s) == ("", 60.0)
     monkeypatch.setenv(weights.MIRROR_ENV, server.base)
-    assert ensure_weights(published, tmp_path).read_bytes() == server.body
+    monkeypatch.setenv(weights.TIMEOUT_ENV, "5")
+    options = config()
+    assert (options.weights_mirror, options.download_timeout_s) == (server.base, 5.0)
+    flags = config("--weights-mirror", "http://flag.invalid", "--download-timeout-s", "2")
+    assert (flags.weights_mirror, flags.download_timeout_s) == ("http://flag.invalid", 2.0)
+    model = load_model("ViT-B/32", weights_dir=str(tmp_path), device="cpu", precision="fp32",
+                       weights_mirror=options.weights_mirror,
+                       download_timeout_s=options.download_timeout_s)
+    assert model.dimension == 64
     assert server.requests == [f"/clip/models/{server.sha256}/ViT-B-32.pt"]
+    with pytest.raises(WeightsError, match=r"timeout of 0 s \(--download-timeout-s"):
+        ensure_weights(server.url, tmp_path / "other", timeout_s=0)
 
 
 def test_named_model_loads_through_the_checked_download(
