@@ -8,6 +8,7 @@ import asyncio
 import statistics
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from clipsearch.encoder.v1 import encoder_pb2
 from encoder_service.images import PreprocessStages, image_pixels
 from encoder_service.model import LoadedModel, clip, load_model
 from encoder_service.testmodels import cached_random_vit_b32
-from tests.servers import RunningService, running
+from tests.servers import RunningService, free_port, running
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 QUERIES = ["a white dog", "a red sports car", "a bowl of soup", "a bird on a branch",
@@ -159,10 +160,69 @@ def _photo_folder(folder: Path, count: int) -> list[Path]:
     return made
 
 
+def in_process_best(checkpoint: Path, precision: str, quick: bool,
+                    batches: tuple[int, ...] = (8, 32, 64)) -> dict[str, Any]:
+    """The encoder's in-process images/s at `precision` and its best batch size (from
+    decoded pixels, as in `encoder_alone`): the ceiling the whole ingest chain is held to."""
+    model = load_model(str(checkpoint), precision=precision)
+    stages = PreprocessStages.split(model.preprocess)
+    pixels = image_pixels(sorted(PHOTOS.iterdir())[0].read_bytes(), stages, 10**8)
+    rates = {}
+    for batch in batches:
+        def encode(images: list[Any] = [pixels] * batch) -> None:
+            with model.on_stream("image"):
+                model.encode_images(stages.batch(images, model.device))
+        rates[batch] = batch / timed(encode, 1 if quick else 4)
+    best = max(rates, key=rates.__getitem__)
+    return {"batch": best, "images_per_s": rates[best],
+            "by_batch": {str(b): round(r, 2) for b, r in rates.items()}}
+
+
+def _index_rate(checkpoint: Path, precision: str, encoder_extra: list[str], folder: Path,
+                tmp: Path, name: str, images: int) -> dict[str, float]:
+    """images/s of `clipsearch index` over `folder` through both services, fresh ones
+    (`name` tells their logs and database apart), and where the time went: the encoder's
+    model time per image batch and the search service's Milvus writes (their metrics)."""
+    ports = [free_port(), free_port()]
+    with running(["serve", "encoder", "--model", str(checkpoint), "--precision", precision,
+                  "--metrics-port", str(ports[0]), *encoder_extra],
+                 tmp / f"encoder-{name}.log") as encoder, \
+        running(["serve", "search", "--encoder", encoder.address, "--milvus",
+                 str(tmp / f"{name}.db"), "--metrics-port", str(ports[1])],
+                tmp / f"search-{name}.log") as search, \
+            SearchClient(search.address) as client:
+        before = _scrape(ports)
+        started = time.perf_counter()
+        summary = client.index_files(image_files(folder))
+        seconds = time.perf_counter() - started
+        after = _scrape(ports)
+        assert summary.added == images, summary.failures[:3]
+    spent = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    batches = spent.get('clipsearch_encoder_batch_seconds_count{tower="image"}', 0.0)
+    model_s = spent.get('clipsearch_encoder_batch_seconds_sum{tower="image"}', 0.0)
+    upsert_s = spent.get('clipsearch_milvus_seconds_sum{operation="upsert"}', 0.0)
+    return {"images_per_s": images / seconds, "seconds": seconds, "model_busy": model_s / seconds,
+            "model_ms_per_image": 1000 * model_s / images, "image_batches": batches,
+            "milvus_write_share": upsert_s / seconds}
+
+
+def _scrape(ports: list[int]) -> dict[str, float]:
+    """Every sample of the services' /metrics, by name and labels."""
+    samples = {}
+    for port in ports:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        for line in text.decode().splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                samples[key] = float(value)
+    return samples
+
+
 def ingest(args: argparse.Namespace) -> dict[str, Any]:
-    """images/s: the seed's loop vs indexing through both services into Milvus Lite."""
+    """images/s: the seed's loop vs indexing through both services into Milvus Lite, and
+    the chain against the encoder in process at the same precision (its best batch)."""
     checkpoint = cached_random_vit_b32()
-    out: dict[str, Any] = {"images": args.images, "runs": []}
+    out: dict[str, Any] = {"images": args.images, "runs": [], "in_process": {}}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         folder = tmp / "photos"
@@ -172,20 +232,22 @@ def ingest(args: argparse.Namespace) -> dict[str, Any]:
         out["seed_images_per_s"] = seed.ingest(paths)
         seed.close()
         for precision in precisions():
-            encoder_args = ["serve", "encoder", "--model", str(checkpoint), "--precision",
-                            precision]
-            with running(encoder_args, tmp / f"encoder-{precision}.log") as encoder, \
-                running(["serve", "search", "--encoder", encoder.address, "--milvus",
-                         str(tmp / f"{precision}.db")],
-                        tmp / f"search-{precision}.log") as search, \
-                    SearchClient(search.address) as client:
-                started = time.perf_counter()
-                summary = client.index_files(image_files(folder))
-                seconds = time.perf_counter() - started
-                assert summary.added == args.images, summary.failures[:3]
-                rate = args.images / seconds
-                out["runs"].append({"precision": precision, "images_per_s": rate,
-                                    "ratio_to_seed": rate / out["seed_images_per_s"]})
+            out["in_process"][precision] = in_process_best(checkpoint, precision, args.quick)
+            variants: list[tuple[str, list[str]]] = [("clipsearch index (both services)", [])]
+            if precision == "bf16":  # the CPU's own precision: also the old default's figure
+                variants.append(("as above, OpenMP threads spinning (the old default)",
+                                 ["--omp-wait-policy", ""]))
+            for number, (what, extra) in enumerate(variants):
+                run_ = _index_rate(checkpoint, precision, extra, folder, tmp,
+                                   f"{precision}-{number}", args.images)
+                rate = run_["images_per_s"]
+                best = out["in_process"][precision]
+                out["runs"].append({
+                    "what": what, "precision": precision, **run_,
+                    "ratio_to_seed": rate / out["seed_images_per_s"],
+                    "ratio_to_in_process": rate / best["images_per_s"],
+                    # the model alone would take 1000 / best images/s per image
+                    "in_process_ms_per_image": 1000 / best["images_per_s"]})
     return out
 
 
@@ -197,10 +259,11 @@ SEARCH_TEXT = "a white dog {tag}.{{{{.RequestNumber}}}}"  # one tag per load: no
 REPEATED_REQUEST = {"text": "a white dog", "top_k": 10}
 
 
-def _search_loads(search: RunningService, quick: bool, repeated: bool = False
-                  ) -> list[dict[str, Any]]:
+def _search_loads(search: RunningService, quick: bool, repeated: bool = False,
+                  metrics_ports: list[int] | None = None) -> list[dict[str, Any]]:
     """SearchText loads at concurrency 1, 8 and 32, each after a warm-up: new texts
-    (every one a cache miss), or with `repeated` one text over and over (cache hits)."""
+    (every one a cache miss), or with `repeated` one text over and over (cache hits).
+    With `metrics_ports` (encoder, search), each row also says where the time went."""
     request_totals = ((1, 60), (8, 240), (32, 640)) if not quick else ((1, 20), (8, 80), (32, 160))
     tags = iter(range(1_000_000))
     rows = []
@@ -212,8 +275,30 @@ def _search_loads(search: RunningService, quick: bool, repeated: bool = False
                 call="clipsearch.search.v1.Search.SearchText", host=search.address,
                 data=data, concurrency=concurrency, total=total)))
         load(4 * concurrency)  # warm-up: connections, batch shapes, thread pools
-        rows.append({"concurrency": concurrency, **_report_dict(load(total))})
+        before = _scrape(metrics_ports) if metrics_ports else {}
+        report = load(total)
+        rows.append({"concurrency": concurrency, **_report_dict(report),
+                     **(_search_profile(before, _scrape(metrics_ports), report.total_s)
+                        if metrics_ports else {})})
     return rows
+
+
+def _search_profile(before: dict[str, float], after: dict[str, float],
+                    seconds: float) -> dict[str, float]:
+    """From the services' metrics over one load: texts per encoder batch, the share of
+    the load's time the text tower was running, and the share spent in Milvus searches."""
+    def spent(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+    batches = spent('clipsearch_encoder_batch_size_count{tower="text"}')
+    texts = spent('clipsearch_encoder_batch_size_sum{tower="text"}')
+    searches = spent("clipsearch_search_batch_size_count")
+    return {"texts_per_encoder_batch": texts / batches if batches else 0.0,
+            "queries_per_search_batch": (spent("clipsearch_search_batch_size_sum") / searches
+                                         if searches else 0.0),
+            "text_model_busy": spent('clipsearch_encoder_batch_seconds_sum{tower="text"}')
+            / seconds,
+            "milvus_search_busy": spent('clipsearch_milvus_seconds_sum{operation="search"}')
+            / seconds}
 
 
 def text_search(args: argparse.Namespace) -> dict[str, Any]:
@@ -230,14 +315,16 @@ def text_search(args: argparse.Namespace) -> dict[str, Any]:
         latencies = seed.search_latencies(QUERIES * (3 if args.quick else 8))
         seed.close()
         baseline = {"qps": 1 / statistics.fmean(latencies), **percentiles_ms(latencies)}
-        with running(["serve", "encoder", "--model", str(checkpoint)],
-                     tmp / "encoder.log") as encoder, \
+        ports = [free_port(), free_port()]
+        with running(["serve", "encoder", "--model", str(checkpoint), "--metrics-port",
+                      str(ports[0])], tmp / "encoder.log") as encoder, \
             running(["serve", "search", "--encoder", encoder.address, "--milvus",
-                     str(tmp / "milvus.db")], tmp / "search.log") as search:
+                     str(tmp / "milvus.db"), "--metrics-port", str(ports[1])],
+                    tmp / "search.log") as search:
             with SearchClient(search.address) as client:
                 client.index_files(paths)
                 client.search_text("warm up")
-            rows = _search_loads(search, args.quick)
+            rows = _search_loads(search, args.quick, metrics_ports=ports)
             cached_rows = _search_loads(search, args.quick, repeated=True)
     for row in [*rows, *cached_rows]:
         row["p50_ratio_to_seed"] = row["p50_ms"] / baseline["p50_ms"]

@@ -32,9 +32,15 @@ EXTRA_OF = {"torch": "encoder", "torchvision": "encoder", "clip": "encoder",
 
 def _serve_encoder(args: argparse.Namespace) -> int:
     from encoder_service.config import EncoderConfig
-    from encoder_service.server import serve
 
     config = from_namespace(EncoderConfig, args)
+    try:
+        config.apply_openmp_policy()  # before the server's imports load torch
+    except ValueError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 2
+    from encoder_service.server import serve
+
     configure_logging(config.log_json)
     return asyncio.run(serve(config))
 
