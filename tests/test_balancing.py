@@ -121,3 +121,14 @@ def test_search_service_needs_no_retries(replicas: Replicas, tmp_path: Path, for
         log = search.log()
     assert [rpc_count(replicas.loading_metrics, m) for m in methods] == before
     assert "unavailable (attempt" not in log, log
+
+
+def test_sigterm_while_loading_ends_the_process_at_once(replicas: Replicas) -> None:
+    """Last in this module: it stops the loading replica, whose download is stalled (its
+    timeout is 600 s). The load runs on a daemon thread, so the process does not wait for
+    it; before, it lived on until the download timed out."""
+    assert replicas.loading.process.poll() is None
+    started = time.monotonic()
+    assert replicas.loading.stop(timeout_s=20) == 0, replicas.loading.log()
+    assert time.monotonic() - started < 20
+    assert "stopping: health NOT_SERVING" in replicas.loading.log()

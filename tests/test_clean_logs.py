@@ -1,6 +1,6 @@
 """A healthy run logs no error-level line: an operator reads one as an outage.
 
-Both services on Milvus Lite, 60 s of index and search load with a quiet spell in the
+Both services on Milvus Lite, 35 s of index and search load with a quiet spell in the
 middle (the Lite channel's keepalive pings used to earn a GOAWAY ENHANCE_YOUR_CALM
 "too_many_pings" from the embedded server, logged by gRPC core at error level: see
 search_service/store.py), then a graceful stop; the test reads both logs."""
@@ -15,7 +15,7 @@ from pathlib import Path
 from client import SearchClient
 from tests.servers import running
 
-RUN_S = 60.0
+RUN_S = 35.0  # busy 5 s, quiet 25 s, busy 5 s
 QUIET_S = 25.0  # longer than two keepalive intervals of pymilvus (10 s)
 # gRPC core (absl: E1128 13:20:00.1 ...), our plain and JSON formats, pymilvus's own.
 ERROR_LINE = re.compile(r"^[EF]\d{4} |^\S+ \S+ (ERROR|CRITICAL) |\"level\": \"(error|critical)\""
@@ -77,7 +77,7 @@ def test_healthy_run_logs_no_error_line(tiny_clip: Path, photos: list[Path],
         with SearchClient(search.address) as client:
             assert client.stats().count == 60
         assert time.monotonic() - started >= RUN_S
-        assert len(counts) > 100, len(counts)
+        assert len(counts) > 50, len(counts)
         search_code, encoder_code = search.stop(), encoder.stop()
     assert (search_code, encoder_code) == (0, 0)
     for service in (search, encoder):

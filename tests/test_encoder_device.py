@@ -32,15 +32,12 @@ from encoder_service.images import PreprocessStages
 from encoder_service.model import LoadedModel, ModelLoadError, build_model, clip, load_model
 from tests.conftest import Reference
 from tests.servers import RunningService, free_port, health_status
+from tests.vectors import cosines
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["a dog", "a white dog running on the beach at night",
          " ".join(["photo"] * 90)]  # truncated: end-of-text at the last position
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
 def encode_photos(model_pixels: PreprocessStages, photos: list[Path]) -> list[np.ndarray]:

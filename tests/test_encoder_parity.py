@@ -13,6 +13,7 @@ from client import EncoderClient
 from encoder_service.model import clip, encode_text_trimmed, load_model
 from tests.conftest import Reference
 from tests.servers import RunningService
+from tests.vectors import cosines
 
 TOKENIZER = clip.clip._tokenizer
 # Each of these is one BPE token, so n words make n tokens.
@@ -29,18 +30,14 @@ def text_with_tokens(n: int, seed: int) -> str:
     return text
 
 
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-
-
 @pytest.fixture(scope="module")
 def photo_bytes(photos: list[Path]) -> list[bytes]:
     return [p.read_bytes() for p in photos]
 
 
 @pytest.fixture(scope="module")
-def reference_images(reference_model: Reference, photos: list[Path]) -> np.ndarray:
-    return np.stack([reference_model.image(p) for p in photos])
+def reference_images(reference_photo_vectors: np.ndarray) -> np.ndarray:
+    return reference_photo_vectors
 
 
 def test_images_match_reference_fp32(encoder_fp32: RunningService, photo_bytes: list[bytes],

@@ -44,7 +44,7 @@ def count(address: str) -> int:
 def test_encoder_killed_during_index(random_vit_b32: Path, tmp_path: Path) -> None:
     """The index command reports the failed items and exits non-zero; after the encoder is
     back, the same command completes the set with exactly one row per image."""
-    encoder_args = ["serve", "encoder", "--model", str(random_vit_b32), "--precision", "fp32"]
+    encoder_args = ["serve", "encoder", "--model", str(random_vit_b32), "--precision", "bf16"]
     port = free_port()
     encoder = start_service(encoder_args, tmp_path / "encoder.log", port=port)
     with running(["serve", "search", "--encoder", encoder.address, "--milvus",

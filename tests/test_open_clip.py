@@ -30,6 +30,7 @@ from encoder_service.images import PreprocessStages
 from encoder_service.model import ModelLoadError, load_model
 from encoder_service.testmodels_open_clip import cached_random_open_clip
 from tests.servers import RunningService, free_port, running
+from tests.vectors import cosines
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -63,10 +64,6 @@ def reference(folder: Path) -> OpenClipReference:
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     return OpenClipReference(model.eval(), preprocess,
                              open_clip.get_tokenizer(f"local-dir:{folder}"))
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
 @pytest.fixture(scope="module")

@@ -37,8 +37,8 @@ def indexed(search_fp32: RunningService, photos: list[Path]) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def reference_vectors(reference_model: Reference, photos: list[Path]) -> np.ndarray:
-    return np.stack([reference_model.image(p) for p in photos])
+def reference_vectors(reference_photo_vectors: np.ndarray) -> np.ndarray:
+    return reference_photo_vectors
 
 
 def test_search_text_is_exact_top_k(search_fp32: RunningService, indexed: dict[str, str],

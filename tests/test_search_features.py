@@ -46,8 +46,8 @@ def indexed(search_fp32: RunningService, photos: list[Path]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference_vectors(reference_model: Reference, photos: list[Path]) -> np.ndarray:
-    return np.stack([reference_model.image(p) for p in photos])
+def reference_vectors(reference_photo_vectors: np.ndarray) -> np.ndarray:
+    return reference_photo_vectors
 
 
 @pytest.fixture(scope="module")
