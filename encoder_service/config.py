@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 
 from clipsearch.options import option
@@ -23,6 +26,13 @@ class EncoderConfig(ServerConfig):
                               default="~/.cache/clip")
     download: bool = option("download named weights when missing from --weights-dir",
                             default=True)
+    weights_mirror: str = option("base URL serving OpenAI's checkpoint layout "
+                                 "<mirror>/<sha256>/<file>.pt, asked instead of OpenAI's "
+                                 "host (the SHA-256 is still checked; empty: OpenAI)",
+                                 default="")
+    download_timeout_s: float = option("seconds connecting, or any single read, of a weights "
+                                       "download may wait for data before it fails as "
+                                       "stalled", default=60.0)
     device: str = option("auto | cpu | cuda | cuda:N (auto takes CUDA when present)",
                          default="auto")
     precision: str = option("auto | fp32 | bf16 | fp16 (auto: fp16 on CUDA, bf16 on a CPU "
@@ -50,3 +60,25 @@ class EncoderConfig(ServerConfig):
                                "with a CPU machine of its own may do better with 0 under "
                                "load (docs/deployment.md)",
                                default=1)
+    omp_wait_policy: str = option("what torch's idle OpenMP threads do between parallel "
+                                  "regions, set as OMP_WAIT_POLICY before torch loads: "
+                                  "passive (sleep), active (spin), or empty to leave "
+                                  "OMP_WAIT_POLICY as the environment has it. Passive "
+                                  "because image decoding, gRPC and other processes share "
+                                  "the cores: a spinning thread takes a core from them and "
+                                  "stalls the next region (results/benchmarks.md, Ingest)",
+                                  default="passive")
+
+    def apply_openmp_policy(self) -> None:
+        """Sets OMP_WAIT_POLICY from `omp_wait_policy`. OpenMP reads it once, when torch's
+        runtime loads, so this must run before torch is imported."""
+        if not self.omp_wait_policy:
+            return
+        if self.omp_wait_policy.lower() not in ("passive", "active"):
+            raise ValueError(f"--omp-wait-policy {self.omp_wait_policy!r}: expected passive, "
+                             f"active or empty")
+        if "torch" in sys.modules:  # an in-process caller: too late to take effect
+            warnings.warn("torch is already loaded: --omp-wait-policy has no effect",
+                          stacklevel=2)
+            return
+        os.environ["OMP_WAIT_POLICY"] = self.omp_wait_policy.upper()

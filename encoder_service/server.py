@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import torch
 
-from clipsearch import metrics
+from clipsearch import lifecycle, metrics
 from clipsearch.batcher import BatcherStopped, DynamicBatcher, QueueFull
 from clipsearch.encoder.v1 import encoder_pb2
 from clipsearch.serving import Service, serve_until_stopped
@@ -83,10 +83,12 @@ class EncoderServicer:
         if self.config.torch_threads > 0:
             torch.set_num_threads(self.config.torch_threads)
         loop = asyncio.get_running_loop()
-        model = await loop.run_in_executor(self._infer, partial(
+        # A daemon thread: a SIGTERM during a stalled download ends the process at once.
+        model = await lifecycle.in_daemon_thread(partial(
             load_model, self.config.model, weights_dir=self.config.weights_dir,
             download=self.config.download, device=self.config.device,
-            precision=self.config.precision))
+            precision=self.config.precision, weights_mirror=self.config.weights_mirror,
+            download_timeout_s=self.config.download_timeout_s))
         self.max_batch = self.config.max_batch or default_max_batch(model.device)
         stages = PreprocessStages.split(model.preprocess)
         image_threads = torch.get_num_threads()

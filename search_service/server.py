@@ -24,7 +24,13 @@ from clipsearch import metrics
 from clipsearch.batcher import DynamicBatcher, QueueFull
 from clipsearch.image_check import ImageError, probe_image
 from clipsearch.search.v1 import search_pb2
-from clipsearch.serving import MalformedRequest, Service, request_id, serve_until_stopped
+from clipsearch.serving import (
+    MalformedRequest,
+    Service,
+    ServiceConfigError,
+    request_id,
+    serve_until_stopped,
+)
 from search_service.config import SearchConfig
 from search_service.encoder_pool import EncoderPool, EncoderRejected, EncoderUnavailable
 from search_service.filters import (
@@ -128,9 +134,11 @@ class SearchServicer(QueryRpcs):
         self.model_name = ""
         self._db = ThreadPoolExecutor(4, thread_name_prefix="milvus")
         self._decode = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="decode")
+        if config.query_batches < 1:
+            raise ServiceConfigError(f"--query-batches {config.query_batches}: at least 1")
         self.queries: DynamicBatcher[TextQuery, list[StoreHit] | Exception] = DynamicBatcher(
             self._run_text_queries, max_batch=64, max_delay_s=config.query_batch_delay_ms / 1000,
-            max_queue=4096, concurrency=2)
+            max_queue=4096, concurrency=config.query_batches)
 
     async def open(self) -> None:
         """Waits for the encoder, then opens (or creates) the collection for its model."""
@@ -140,7 +148,8 @@ class SearchServicer(QueryRpcs):
         self.store = await self._in_db("open", partial(
             VectorStore, self.config.milvus, collection=self.config.collection,
             dimension=info.dimension, model=info.name, model_fingerprint=info.fingerprint,
-            index_type=self.config.index_type, token=self.config.milvus_token))
+            index_type=self.config.index_type, token=self.config.milvus_token,
+            search_ef=self.config.search_ef, search_nprobe=self.config.search_nprobe))
         self.model_name = info.name
         self.query_cache.model = info.fingerprint
         self.queries.start()
@@ -486,5 +495,7 @@ async def serve(config: SearchConfig) -> int:
     servicer = SearchServicer(config, encoder_pool(config))
     log.info("search over encoder %s and Milvus %s", config.encoder, config.milvus)
     # close() closes the store: Lite flushes and releases its lock.
+    # A StoreError at start is a setting to change (another model's collection, its
+    # dimension): its message says which, a traceback would only bury it.
     return await serve_until_stopped(Service(config, SERVICE, servicer), servicer.open(),
-                                     servicer.close, "search")
+                                     servicer.close, "search", (StoreError,))
