@@ -15,6 +15,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -87,6 +88,22 @@ def held_stream(items: list[search_pb2.IndexItem], release: threading.Event
     yield items[2]
 
 
+def index_stub(channel: grpc.Channel) -> Any:
+    """The Index method of `channel`, a stream in both directions."""
+    return channel.stream_stream("/clipsearch.search.v1.Search/Index",
+                                 request_serializer=search_pb2.IndexItem.SerializeToString,
+                                 response_deserializer=search_pb2.IndexResult.FromString)
+
+
+def held_index(channel: grpc.Channel, items: list[search_pb2.IndexItem], token: str,
+               release: threading.Event) -> Iterator[search_pb2.IndexResult]:
+    """An Index call with `token` whose stream `held_stream` holds open until `release`."""
+    results: Iterator[search_pb2.IndexResult] = index_stub(channel)(
+        held_stream(items, release), metadata=(("authorization", f"Bearer {token}"),),
+        timeout=60)
+    return results
+
+
 # ---- the matrix -------------------------------------------------------------------------
 
 
@@ -123,11 +140,9 @@ def test_audit_lines_of_index_and_delete(channel: grpc.Channel, search: RunningS
                                          photos: list[Path]) -> None:
     index = method(SEARCH_SERVICE, "Index")
     items = _index_items(photos[:3], "/audit/")
-    stub = channel.stream_stream("/clipsearch.search.v1.Search/Index",
-                                 request_serializer=search_pb2.IndexItem.SerializeToString,
-                                 response_deserializer=search_pb2.IndexResult.FromString)
-    results = list(stub(iter(items), metadata=(("authorization", f"Bearer {TOKENS['indexer'][0]}"),
-                                               ("x-request-id", "audit-index-1")), timeout=60))
+    metadata = (("authorization", f"Bearer {TOKENS['indexer'][0]}"),
+                ("x-request-id", "audit-index-1"))
+    results = list(index_stub(channel)(iter(items), metadata=metadata, timeout=60))
     assert [r.status for r in results] == [search_pb2.IndexResult.ADDED] * 3, results
     delete = channel.unary_unary("/clipsearch.search.v1.Search/Delete",
                                  request_serializer=search_pb2.DeleteRequest.SerializeToString,
@@ -197,17 +212,8 @@ def test_concurrency_limit_holds_back_the_same_caller_only(channel: grpc.Channel
                                                            photos: list[Path]) -> None:
     index = method(SEARCH_SERVICE, "Index")
     release = threading.Event()
-    items = _index_items(photos[3:6], "/held/")
-
-    def slow_items() -> Iterator[search_pb2.IndexItem]:
-        yield from held_stream(items, release)
-
-    stub = channel.stream_stream("/clipsearch.search.v1.Search/Index",
-                                 request_serializer=search_pb2.IndexItem.SerializeToString,
-                                 response_deserializer=search_pb2.IndexResult.FromString)
-    held: Iterator[search_pb2.IndexResult] = stub(  # type: ignore[assignment]
-        slow_items(), metadata=(("authorization", f"Bearer {TOKENS['indexer'][0]}"),),
-        timeout=60)
+    held = held_index(channel, _index_items(photos[3:6], "/held/"), TOKENS["indexer"][0],
+                      release)
     try:
         first = next(held)  # the stream is running and holds the indexer's one slot
         assert first.status == search_pb2.IndexResult.ADDED
@@ -229,19 +235,10 @@ def test_sighup_removes_a_token_while_its_call_in_flight_finishes(
         channel: grpc.Channel, search: RunningService, search_tokens: Path,
         photos: list[Path]) -> None:
     release = threading.Event()
-    items = _index_items(photos[6:9], "/rotation/")
-
-    def slow_items() -> Iterator[search_pb2.IndexItem]:
-        yield from held_stream(items, release)
-
-    stub = channel.stream_stream("/clipsearch.search.v1.Search/Index",
-                                 request_serializer=search_pb2.IndexItem.SerializeToString,
-                                 response_deserializer=search_pb2.IndexResult.FromString)
     doomed = TOKENS["doomed"][0]
     stats = method(SEARCH_SERVICE, "Stats")
     assert call(channel, SEARCH_SERVICE, stats, doomed).code == grpc.StatusCode.OK
-    in_flight: Iterator[search_pb2.IndexResult] = stub(  # type: ignore[assignment]
-        slow_items(), metadata=(("authorization", f"Bearer {doomed}"),), timeout=60)
+    in_flight = held_index(channel, _index_items(photos[6:9], "/rotation/"), doomed, release)
     try:
         assert next(in_flight).status == search_pb2.IndexResult.ADDED
         reloads = search.log().count("reloaded")
