@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from client.errors import DeadlineExceeded
 from client.queries import Part, Query, Similar
 from client.search import Hit, SearchClient
 from clipsearch.commands_client import (
@@ -114,6 +115,16 @@ def _get(args: argparse.Namespace) -> int:
 
 
 def _duplicates(args: argparse.Namespace) -> int:
+    try:
+        return _print_duplicates(args)
+    except DeadlineExceeded as exc:
+        raise DeadlineExceeded(
+            f"{exc}; FindDuplicates compares every pair of the stored images, so its time "
+            f"grows with the square of their number (~90 s for 100k on 2 cores): run it "
+            f"again with a longer --timeout (this one: {args.timeout:g} s)") from None
+
+
+def _print_duplicates(args: argparse.Namespace) -> int:
     groups = 0
     found: list[dict[str, Any]] = []
     with _client(args) as client:

@@ -433,3 +433,8 @@ def test_cli_duplicates(search_fp32: RunningService, copies: tuple[list[str], np
     assert sum(bool(copy_ids & {m["id"] for m in g["members"]}) for g in groups) == 10
     assert len(list((tmp_path / "groups").glob("group-*.png"))) == len(groups)
     assert f"{len(groups)} groups of near-duplicates" in result.stderr
+    # Past its deadline the command says what to change.
+    late = subprocess.run([*command, "--timeout", "0.001"], capture_output=True, text=True,
+                          timeout=120)
+    assert late.returncode == 2, late.stderr
+    assert "DEADLINE_EXCEEDED" in late.stderr and "longer --timeout" in late.stderr, late.stderr
