@@ -26,12 +26,9 @@ import argparse
 import json
 import sys
 import tempfile
-import threading
 import time
 import warnings
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +37,7 @@ import numpy as np
 from pymilvus import DataType, MilvusClient
 
 from benchmarks.ann_data import ClusteredModel, exact_top_k, photo_vectors, recall_at_k
+from benchmarks.memory import RssPeak, status_mb
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 COLLECTION = "ann_bench"
@@ -78,35 +76,6 @@ def specs() -> dict[str, IndexSpec]:
     }
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process, MB (from /proc: no psutil dependency)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-@contextmanager
-def peak_rss(pid: int | None, period_s: float = 0.2) -> Iterator[list[float]]:
-    """Samples a process's RSS in a thread; the yielded list ends up as [peak MB]."""
-    peak = [0.0]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            if pid:
-                peak[0] = max(peak[0], rss_mb(pid))
-            stop.wait(period_s)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield peak
-    finally:
-        stop.set()
-        thread.join()
-
-
 def load_vectors(client: MilvusClient, vectors: np.ndarray, indexed_at: np.ndarray,
                  collection: str = COLLECTION) -> float:
     """A fresh collection (int64 id, vector, indexed_at) filled and flushed; seconds taken."""
@@ -138,11 +107,11 @@ def build(client: MilvusClient, spec: IndexSpec, rows: int, pid: int | None,
     if "vector" in client.list_indexes(collection):
         client.drop_index(collection, "vector")
     time.sleep(2)  # let the released segments' memory go before the baseline
-    released = rss_mb(pid) if pid else 0.0
+    released = status_mb(pid) if pid else 0.0
     params = MilvusClient.prepare_index_params()
     params.add_index("vector", index_type=spec.index_type, metric_type="COSINE",
                      params=spec.build_params)
-    with peak_rss(pid) as peak:
+    with RssPeak(pid, period_s=0.2) as peak:
         started = time.perf_counter()
         client.create_index(collection, params, sync=False)
         while True:
@@ -162,8 +131,8 @@ def build(client: MilvusClient, spec: IndexSpec, rows: int, pid: int | None,
         load_s = time.perf_counter() - started
     time.sleep(1)
     return {"build_s": round(build_s, 1), "load_s": round(load_s, 1),
-            "rss_released_mb": round(released), "rss_peak_mb": round(peak[0]),
-            "rss_loaded_mb": round(rss_mb(pid)) if pid else 0}
+            "rss_released_mb": round(released), "rss_peak_mb": round(peak.peak),
+            "rss_loaded_mb": round(status_mb(pid)) if pid else 0}
 
 
 def _search(client: MilvusClient, query: np.ndarray, params: dict[str, Any],
@@ -212,7 +181,7 @@ def run_size(uri: str, pid: int | None, vectors: np.ndarray, queries: np.ndarray
     try:
         if client.has_collection(collection):
             client.drop_collection(collection)
-        rss_empty = rss_mb(pid) if pid else 0.0
+        rss_empty = status_mb(pid) if pid else 0.0
         insert_s = load_vectors(client, vectors, indexed_at, collection)
         out: dict[str, Any] = {"size": len(vectors), "queries": len(queries),
                                "filter_share": float(mask.mean()),

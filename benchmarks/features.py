@@ -27,7 +27,6 @@ import argparse
 import json
 import platform
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.memory import RssPeak
 from client import SearchClient
 from client.encoder import EncoderClient
 from search_service.ranked import get_rows, search_window
@@ -84,35 +84,6 @@ def _ms(work: Callable[[], Any], runs: int) -> float:
     for _ in range(runs):
         work()
     return (time.perf_counter() - started) / runs * 1000
-
-
-def _rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-class RssPeak:
-    """Samples a process's RSS every 10 ms in a thread while in the `with` block."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.before = self.peak = _rss_kb(pid)
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._done.wait(0.01):
-            self.peak = max(self.peak, _rss_kb(self.pid))
-
-    def __enter__(self) -> RssPeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
 
 
 def store_latencies(store: VectorStore, ids: list[str], vectors: np.ndarray, runs: int
@@ -187,8 +158,8 @@ def run(uri: str, backend: str, size: int, encoder: Any, tmp: Path) -> dict[str,
             started = time.perf_counter()
             groups = list(client.find_duplicates(THRESHOLD))
             row["duplicates_s"] = time.perf_counter() - started
-        row["rss_before_mb"] = rss.before / 1024
-        row["rss_peak_delta_mb"] = (rss.peak - rss.before) / 1024
+        row["rss_before_mb"] = rss.before
+        row["rss_peak_delta_mb"] = rss.peak - rss.before
         found = {frozenset(h.id for h in g) for g in groups}
         row["groups"], row["planted"] = len(found), len(planted)
         row["groups_equal_planted"] = found == planted

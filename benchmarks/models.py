@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.memory import status_mb
+
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 # key -> (what the encoder's --model gets, where the random weights come from)
 MODELS: dict[str, str] = {
@@ -39,15 +41,6 @@ MODELS: dict[str, str] = {
 IMAGE_BATCH = {"fp32": 8, "bf16": 32}
 TEXT_BATCH = 32
 PRECISIONS = ("bf16", "fp32")
-
-
-def _status_mib(field: str) -> float:
-    """VmRSS (now) or VmHWM (peak) of this process. Not getrusage's ru_maxrss: Linux
-    carries that over fork and exec, so a child would report its parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _model_argument(source: str) -> str:
@@ -69,11 +62,11 @@ def measure_one(source: str, precision: str, min_time: float) -> dict[str, Any]:
     from encoder_service.model import LoadedModel, load_model
 
     argument = _model_argument(source)  # cached by the parent: a path here
-    base_rss = _status_mib("VmRSS")
+    base_rss = status_mb()
     started = time.perf_counter()
     model = load_model(argument, device="cpu", precision=precision, download=False)
     load_s = time.perf_counter() - started
-    loaded_rss = _status_mib("VmRSS")
+    loaded_rss = status_mb()
     tensors = [*model.model.parameters(), *model.model.buffers()]
     parameters = sum(p.numel() for p in model.model.parameters())
     tensor_bytes = sum(t.numel() * t.element_size() for t in tensors)
@@ -91,7 +84,7 @@ def measure_one(source: str, precision: str, min_time: float) -> dict[str, Any]:
     per_image_batch, image_share = _timed_with_share(encode_images, min_time, threads)
     per_text_batch, text_share = _timed_with_share(lambda: model.encode_tokens(tokens),
                                                    min_time, threads)
-    peak_rss = _status_mib("VmHWM")
+    peak_rss = status_mb(field="VmHWM")
     return {"precision": precision, "dimension": model.dimension, "parameters": parameters,
             "tensor_mib": tensor_bytes / 2**20, "image_size": model.image_resolution,
             "context_length": model.context_length, "text_path": model.traits.text_path,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import LoadConfig, run
+from benchmarks.memory import status_mb
 from benchmarks.report import write as write_report
 from benchmarks.sections import SEARCH_REQUEST
 from client import SearchClient
@@ -26,13 +27,6 @@ from tests.servers import running
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 # Warm-up texts carry their own tag, so the measured load meets none of them in the cache.
@@ -73,7 +67,7 @@ def soak(model: Path, seconds: float, concurrency: int = 32) -> dict[str, Any]:
                                    host=search.address, data=WARM_UP_REQUEST,
                                    concurrency=concurrency, duration_s=5)))
         pids = {"encoder": encoder.process.pid, "search": search.process.pid}
-        start_rss = {name: rss_mb(pid) for name, pid in pids.items()}
+        start_rss = {name: status_mb(pid) for name, pid in pids.items()}
         gpu_mb = {"start": gpu_memory_mb(encoder.process.pid), "peak": None}
         peak_rss = dict(start_rss)
         stop = threading.Event()
@@ -88,7 +82,7 @@ def soak(model: Path, seconds: float, concurrency: int = 32) -> dict[str, Any]:
                     summary = client.index_files([photo])
                     index_errors.extend(f.reason for f in summary.failures)
                     for name, pid in pids.items():
-                        peak_rss[name] = max(peak_rss[name], rss_mb(pid))
+                        peak_rss[name] = max(peak_rss[name], status_mb(pid))
                     used = gpu_memory_mb(pids["encoder"])
                     if used is not None:
                         gpu_mb["peak"] = max(gpu_mb["peak"] or 0.0, used)
@@ -101,7 +95,7 @@ def soak(model: Path, seconds: float, concurrency: int = 32) -> dict[str, Any]:
         report = asyncio.run(run(config))
         stop.set()
         sampler.join()
-        end_rss = {name: rss_mb(pid) for name, pid in pids.items()}
+        end_rss = {name: status_mb(pid) for name, pid in pids.items()}
         gpu_mb["end"] = gpu_memory_mb(encoder.process.pid)
     summary = report.to_dict()
     return {"seconds": seconds, "concurrency": concurrency, "requests": summary["count"],
