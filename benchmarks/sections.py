@@ -235,8 +235,8 @@ def ingest(args: argparse.Namespace) -> dict[str, Any]:
             out["in_process"][precision] = in_process_best(checkpoint, precision, args.quick)
             variants: list[tuple[str, list[str]]] = [("clipsearch index (both services)", [])]
             if precision == "bf16":  # the CPU's own precision: also the old default's figure
-                variants.append(("as above, OpenMP threads spinning (the old default)",
-                                 ["--omp-wait-policy", ""]))
+                variants.append(("as above, decoding at the model's priority (the old default)",
+                                 ["--decode-nice", "0"]))
             for number, (what, extra) in enumerate(variants):
                 run_ = _index_rate(checkpoint, precision, extra, folder, tmp,
                                    f"{precision}-{number}", args.images)

@@ -51,6 +51,11 @@ class EncoderConfig(ServerConfig):
     max_text_bytes: int = option("longest text accepted, in UTF-8 bytes", default=4096)
     decode_threads: int = option("threads decoding and preprocessing images (0: one per CPU)",
                                  default=0)
+    decode_nice: int = option("how many steps below the process's OS priority (nice) the "
+                              "decoding threads run, so that they do not stall the model's "
+                              "OpenMP threads on shared cores; they still have the cores "
+                              "whenever the model waits (Linux; 0: same priority)",
+                              default=10)
     torch_threads: int = option("intra-op threads for image batches on CPU (0: torch "
                                 "default, one per core)", default=0)
     text_threads: int = option("intra-op threads for text batches on CPU (0: as images); "

@@ -30,6 +30,7 @@ from encoder_service.failures import (
 from encoder_service.families.base import EmptyText, TextTokenizer
 from encoder_service.images import ImageError, PreprocessStages, image_pixels
 from encoder_service.model import LoadedModel, ModelLoadError, load_model
+from encoder_service.priority import background_pool
 
 log = logging.getLogger("clipsearch.encoder")
 
@@ -68,8 +69,12 @@ class EncoderServicer:
         self.load_seconds = 0.0
         self._infer = ThreadPoolExecutor(1, thread_name_prefix="infer")  # load, images
         self._text_infer = ThreadPoolExecutor(1, thread_name_prefix="infer-text")
-        self._decode = ThreadPoolExecutor(config.decode_threads or os.cpu_count() or 1,
-                                          thread_name_prefix="decode")
+        # Images decode below the model's priority (encoder_service/priority.py); texts
+        # tokenize on a thread of their own at normal priority, so that a text search
+        # does not queue behind the decoding of image batches.
+        self._decode = background_pool(config.decode_threads or os.cpu_count() or 1,
+                                       "decode", config.decode_nice)
+        self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.text_batcher: DynamicBatcher[Prepared, Row] | None = None
         self.image_batcher: DynamicBatcher[Prepared, Row] | None = None
         self.stages: PreprocessStages | None = None
@@ -164,9 +169,8 @@ class EncoderServicer:
         for batcher in (self.text_batcher, self.image_batcher):
             if batcher is not None:
                 await batcher.stop()
-        for pool in (self._infer, self._text_infer):
+        for pool in (self._infer, self._text_infer, self._decode, self._tokenize):
             pool.shutdown(wait=False, cancel_futures=True)
-        self._decode.shutdown(wait=False, cancel_futures=True)
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> LoadedModel:
         if self.model is None:
@@ -189,7 +193,7 @@ class EncoderServicer:
         texts = list(request.texts)
         await self._check_count(len(texts), "texts", context)
         loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(self._decode, _tokenize_all, texts,
+        prepared = await loop.run_in_executor(self._tokenize, _tokenize_all, texts,
                                               model.tokenizer, self.config.max_text_bytes)
         assert self.text_batcher is not None
         return await self._encode(self.text_batcher, "texts", prepared, model, context)
