@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
+from torchvision.transforms import v2 as transforms_v2
 
 from benchmarks.gpu_encoder import TEXTS, cosines, reference_vectors
 from benchmarks.gpu_encoder import encode as encode_pixels
@@ -108,10 +109,9 @@ def gpu_decode(photos: list[Path], stages: PreprocessStages) -> dict[str, Any]:
         return out
     encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     side = stages.pixels(Image.open(photos[0])).shape[0]
-    resize = torchvision.transforms.v2.Compose([
-        torchvision.transforms.v2.Resize(side, interpolation=Image.Resampling.BICUBIC,
-                                         antialias=True),
-        torchvision.transforms.v2.CenterCrop(side)])
+    resize = transforms_v2.Compose([
+        transforms_v2.Resize(side, interpolation=Image.Resampling.BICUBIC, antialias=True),
+        transforms_v2.CenterCrop(side)])
 
     def decode_on_gpu() -> list[torch.Tensor]:
         decoded = torchvision.io.decode_jpeg(encoded, device="cuda",

@@ -20,39 +20,36 @@ import matplotlib.pyplot as plt  # after use(): the backend must be chosen first
 NOTES: dict[str, str] = {
     "ingest": (
         "**Target (issue 13): the chain >= 0.9 of the encoder in process, same precision, "
-        "its best batch. Missed here: 0.61 in bf16, 0.68 in fp32.** Where the time goes, "
-        "from the services' own metrics during the run (columns on the right): the "
-        "encoder's image tower ran 97-99% of the wall time, so the chain never starves "
-        "the model and Milvus writes take 2-5%; the share is lost inside the model's "
-        "batches, 29.6 ms per image in the chain (bf16, batches of 32 as the search "
-        "service sends them) against 18.6 ms in process. Part of that is the batch size: "
-        "the in-process figures on this VM swing between runs (bf16 batch 8/32/64: "
-        "53.7/36.8/15.0 images/s in this run; 30.8/45.3 at batch 8/32 minutes later, "
-        "where the chain made 33.4-33.8 images/s at --max-batch 32, 0.74 of that best, "
-        "and 28.1-31.7 at --max-batch 8), while the chain held 32.9-33.8 images/s; at "
-        "batch 32 in this run the chain made 0.89 of in process. The rest is decoding "
-        "(2.7 ms per image on one thread), gRPC and the Lite writes sharing the two cores "
-        "with the model's two threads. OpenMP wait policy: sleeping threads (the new "
-        "default) gave 32.9 against 35.4 images/s for spinning ones in this quiet run "
-        "(28.1-31.7 against 30.1-31.3 at --max-batch 8), within this machine's noise; "
-        "with other work on the machine they kept the model 2-5x faster "
-        "(docs/deployment.md, threads on a CPU), hence the default."),
+        "its best batch. Met in bf16 (0.91), missed in fp32 (0.84).** Where the time "
+        "went, from the services' own metrics (columns on the right): the image tower ran "
+        "97-99% of the wall time and Milvus writes 2-3%, so the chain never starves the "
+        "model; the share is lost inside the model's batches, which ran slower in the "
+        "chain than alone. The cause was image decoding on the same 2 cores: the model "
+        "runs each layer as an OpenMP team that waits at every barrier for its slowest "
+        "thread, and a decoding thread at the same priority made a bf16 batch of 32 take "
+        "2.5x as long (two threads: 3.7x; fp32: 2.2x and 2.9x). Decoding now runs 10 "
+        "steps below the model's priority (`--decode-nice 10`): 1.0-1.17x, while still "
+        "decoding 23-50 images/s in the model's gaps. The last row is the old default in "
+        "the same run: 0.84 against 0.91 (bf16); an earlier run gave 0.88 against 0.96. "
+        "The fp32 figure swings with this VM: 0.79 and 0.95-1.02 in two other runs the "
+        "same day (nice 10 and 19 alike within that noise), where in process at batch 32 "
+        "itself moved 16-22 images/s between sections of one run."),
     "search": (
         "**Target (issue 13): concurrency 32, distinct texts, p99 < 100 ms with no "
-        "errors. Missed: p99 309 ms, no errors.** Where the time goes (metrics over each "
-        "load): the text tower's one thread (`--text-threads 1`) is busy 98-99% from "
-        "concurrency 8 on, so it is the queue; at concurrency 32 the search service "
-        "batches 10.2 queries per encoder call (one call, one Milvus search; Milvus "
-        "searching 26% of the time), and a 10-text batch takes ~63 ms in the chain. "
-        "A closed loop of 32 callers has p50 ~ 32 / queries/s, so p99 < 100 ms needs "
-        "well over 320 queries/s: the cached rows, which skip the encoder entirely, "
-        "reach 397 queries/s with p99 136 ms, so on these 2 cores (load generator "
-        "included) the search service, Milvus Lite and gRPC alone miss it. Tried, "
-        "measured with the same load: a 2 ms query batch delay (p99 269-289 against "
-        "274 ms, under background load), 2 text threads (147 against 164-185 "
-        "queries/s, under background load), one query batch in flight "
-        "(`--query-batches 1`: 108-139 against 111-121 queries/s, quiet): none a "
-        "clear gain, so the defaults stay."),
+        "errors. Missed: p99 300 ms, no errors.** The text tower is the queue: its one "
+        "thread (`--text-threads 1`) is busy 97-99% from concurrency 8 on. Profiled under "
+        "this load (CPU time per query by process, and torch's profiler on the tower): the "
+        "encoder spends 7.4 ms of CPU per query, the search service with Milvus Lite "
+        "(in its process) 1.4 ms, the load generator 0.3 ms; 5.5 ms of the encoder's is "
+        "the tower itself at batch ~10 (one thread), 81% of it in the linear layers "
+        "(aten::addmm), which run at 206 GFLOP/s, the rate of a large bf16 matmul on one "
+        "of these cores (212 GFLOP/s at 448x512x2048, measured alongside; prepacking the "
+        "weights for oneDNN gained 5-8%). A closed loop of 32 callers has p50 ~ 32 / "
+        "queries/s, so p99 < 100 ms needs well over 320 queries/s, about 2.9 cores at "
+        "these costs on a 2-core machine. The cached rows skip the encoder and reach p99 "
+        "95 ms at 522 queries/s. Tried, measured with the same load: a 2 ms query batch "
+        "delay, 2 text threads, one query batch in flight: none a clear gain, so the "
+        "defaults stay. The repeated query's p50 is 0.038x the seed's (target <= 0.1x)."),
 }
 
 
@@ -119,7 +116,8 @@ def write(results: dict[str, Any], out: Path) -> None:
              "Other results: search features and near-duplicates "
              "([search_features.md](search_features.md)), ANN indexes at 1M ([ann.md](ann.md)), "
              "models on this CPU ([models.md](models.md)), int8 ([int8.md](int8.md)), the GPU "
-             "([gpu-encoder.md](gpu-encoder.md), [open-clip-gpu.md](open-clip-gpu.md)).", ""]
+             "(the GPU check [gpu.md](gpu.md) and what it found, [gpu-notes.md](gpu-notes.md); "
+             "[gpu-encoder.md](gpu-encoder.md), [open-clip-gpu.md](open-clip-gpu.md)).", ""]
     if "ingest" in results:
         r = results["ingest"]
         parts += ["## Ingest", "", f"{r['images']} images (the 200 sample photos, repeated with "
