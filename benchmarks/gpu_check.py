@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from benchmarks.gpu_encoder import encode as encode_pixels
 from benchmarks.loadgen import LoadConfig, run
 from benchmarks.sections import PHOTOS, SEARCH_REQUEST, _photo_folder, _report_dict, timed
 from client import SearchClient, image_files
+from encoder_service.decoding import ImageDecoder, default_workers
 from encoder_service.device import PARITY_MIN_COSINE
 from encoder_service.images import PreprocessStages, image_pixels
 from encoder_service.model import clip, load_model
@@ -128,24 +128,31 @@ def gpu_decode(photos: list[Path], stages: PreprocessStages) -> dict[str, Any]:
     return out
 
 
+async def _decode_alone(paths: list[Path], processes: bool) -> float:
+    """images/s of the encoder's own decoding (what --decode-in auto picks: worker
+    processes on a GPU, threads on a CPU), with nothing else running."""
+    decoder = ImageDecoder(default_workers(0, processes), 0, processes)
+    await decoder.start(PreprocessStages.split(clip.clip._transform(224)), 10**8)
+    try:
+        datas = [p.read_bytes() for p in paths]
+        started = time.perf_counter()
+        decoded = await asyncio.gather(*(decoder.decode(d) for d in datas))
+        assert not any(isinstance(d, str) for d in decoded)
+        return len(datas) / (time.perf_counter() - started)
+    finally:
+        decoder.close()
+
+
 def chain(checkpoint: Path, count: int, search_totals: list[tuple[int, int]],
           max_batch: int) -> dict[str, Any]:
-    """Ingest through both services (with decode alone on as many threads, for its share)
+    """Ingest through both services (with the same decoding alone, for its share)
     and SearchText under load."""
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         folder = tmp / "photos"
         folder.mkdir()
         paths = _photo_folder(folder, count)
-        stages = PreprocessStages.split(clip.clip._transform(224))
-
-        def decode(path: Path) -> np.ndarray:
-            return image_pixels(path.read_bytes(), stages, 10**8)
-
-        started = time.perf_counter()
-        with ThreadPoolExecutor() as pool:
-            list(pool.map(decode, paths))
-        decode_rate = count / (time.perf_counter() - started)
+        decode_rate = asyncio.run(_decode_alone(paths, processes=torch.cuda.is_available()))
         with running(["serve", "encoder", "--model", str(checkpoint), "--device", device(),
                       "--max-batch", str(max_batch)], tmp / "encoder.log") as encoder, \
             running(["serve", "search", "--encoder", encoder.address, "--milvus",

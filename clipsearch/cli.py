@@ -35,6 +35,7 @@ def _serve_encoder(args: argparse.Namespace) -> int:
 
     config = from_namespace(EncoderConfig, args)
     try:
+        config.check()
         config.apply_openmp_policy()  # before the server's imports load torch
     except ValueError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)

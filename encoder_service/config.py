@@ -12,6 +12,7 @@ from clipsearch.serving import ServerConfig
 
 ENV_PREFIX = "CLIPSEARCH_ENCODER_"
 DEFAULT_PORT = 50051
+DECODE_IN = ("auto", "threads", "processes")
 
 
 @dataclass
@@ -49,8 +50,14 @@ class EncoderConfig(ServerConfig):
     max_pixels: int = option("largest decoded image, in pixels (decompression-bomb guard)",
                              default=40_000_000)
     max_text_bytes: int = option("longest text accepted, in UTF-8 bytes", default=4096)
-    decode_threads: int = option("threads decoding and preprocessing images (0: one per CPU)",
-                                 default=0)
+    decode_threads: int = option("threads (or worker processes, see --decode-in) decoding "
+                                 "and preprocessing images (0: one per CPU this process may "
+                                 "use, by its affinity and cgroup quota; processes: at most "
+                                 "16)", default=0)
+    decode_in: str = option("where images decode: threads (in the encoder's process), "
+                            "processes (worker processes, each with its own Python GIL), or "
+                            "auto: processes when the model runs on a GPU, threads on a CPU "
+                            "(encoder_service/decoding.py says why)", default="auto")
     decode_nice: int = option("how many steps below the process's OS priority (nice) the "
                               "decoding threads run, so that they do not stall the model's "
                               "OpenMP threads on shared cores; they still have the cores "
@@ -73,6 +80,12 @@ class EncoderConfig(ServerConfig):
                                   "the cores: a spinning thread takes a core from them and "
                                   "stalls the next region (results/benchmarks.md, Ingest)",
                                   default="passive")
+
+    def check(self) -> None:
+        """Rejects values no run could use (ValueError, with the flag and what it takes)."""
+        if self.decode_in not in DECODE_IN:
+            raise ValueError(f"--decode-in {self.decode_in!r}: expected "
+                             f"{', '.join(DECODE_IN)}")
 
     def apply_openmp_policy(self) -> None:
         """Sets OMP_WAIT_POLICY from `omp_wait_policy`. OpenMP reads it once, when torch's

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,7 @@ from clipsearch.batcher import BatcherStopped, DynamicBatcher, QueueFull
 from clipsearch.encoder.v1 import encoder_pb2
 from clipsearch.serving import Service, serve_until_stopped
 from encoder_service.config import EncoderConfig
+from encoder_service.decoding import ImageDecoder, default_workers
 from encoder_service.device import default_max_batch
 from encoder_service.failures import (
     DeviceFailed,
@@ -28,9 +28,8 @@ from encoder_service.failures import (
     is_sticky_device_error,
 )
 from encoder_service.families.base import EmptyText, TextTokenizer
-from encoder_service.images import ImageError, PreprocessStages, image_pixels
+from encoder_service.images import PreprocessStages
 from encoder_service.model import LoadedModel, ModelLoadError, load_model
-from encoder_service.priority import background_pool
 
 log = logging.getLogger("clipsearch.encoder")
 
@@ -69,11 +68,11 @@ class EncoderServicer:
         self.load_seconds = 0.0
         self._infer = ThreadPoolExecutor(1, thread_name_prefix="infer")  # load, images
         self._text_infer = ThreadPoolExecutor(1, thread_name_prefix="infer-text")
-        # Images decode below the model's priority (encoder_service/priority.py); texts
-        # tokenize on a thread of their own at normal priority, so that a text search
-        # does not queue behind the decoding of image batches.
-        self._decode = background_pool(config.decode_threads or os.cpu_count() or 1,
-                                       "decode", config.decode_nice)
+        # Images decode below the model's priority (encoder_service/priority.py), on
+        # threads or worker processes (decoding.py), chosen once the device is known;
+        # texts tokenize on a thread of their own at normal priority, so that a text
+        # search does not queue behind the decoding of image batches.
+        self.decoder: ImageDecoder | None = None
         self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.text_batcher: DynamicBatcher[Prepared, Row] | None = None
         self.image_batcher: DynamicBatcher[Prepared, Row] | None = None
@@ -137,6 +136,13 @@ class EncoderServicer:
                      _full_length_tokens(model), self.max_batch, "text", model),
             _warm_up(on_thread(encode_images, self._infer, image_threads, False),
                      _blank_pixels(model), self.max_batch, "image", model))
+        decode_in = self.config.decode_in
+        if decode_in == "auto":  # threads on a CPU, where cores, not the GIL, are scarce
+            decode_in = "processes" if model.device.type == "cuda" else "threads"
+        processes = decode_in == "processes"
+        self.decoder = ImageDecoder(default_workers(self.config.decode_threads, processes),
+                                    self.config.decode_nice, processes)
+        await self.decoder.start(stages, self.config.max_pixels)
         self.load_seconds = time.perf_counter() - started
         log.info("model %s loaded in %.1f s: family=%s device=%s precision=%s dimension=%d "
                  "fingerprint=%s max_batch=%d tokenizer=%s context=%d image=%dx%d",
@@ -144,8 +150,9 @@ class EncoderServicer:
                  model.precision, model.dimension, model.fingerprint, self.max_batch,
                  model.tokenizer.kind, model.context_length, model.traits.image.width,
                  model.traits.image.height)
-        log.info("intra-op threads: %d for image batches, %d for text batches",
-                 image_threads, text_threads)
+        log.info("intra-op threads: %d for image batches, %d for text batches; images "
+                 "decode on %d %s", image_threads, text_threads, self.decoder.workers,
+                 self.decoder.kind)
 
         def batcher(tower: str, run: RunBatch) -> DynamicBatcher[Prepared, Row]:
             def observe(size: int, seconds: float) -> None:
@@ -169,8 +176,10 @@ class EncoderServicer:
         for batcher in (self.text_batcher, self.image_batcher):
             if batcher is not None:
                 await batcher.stop()
-        for pool in (self._infer, self._text_infer, self._decode, self._tokenize):
+        for pool in (self._infer, self._text_infer, self._tokenize):
             pool.shutdown(wait=False, cancel_futures=True)
+        if self.decoder is not None:
+            self.decoder.close()
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> LoadedModel:
         if self.model is None:
@@ -202,11 +211,9 @@ class EncoderServicer:
                           context: grpc.aio.ServicerContext) -> encoder_pb2.EncodeResponse:
         model = await self._ready(context)
         await self._check_count(len(request.images), "images", context)
-        loop = asyncio.get_running_loop()
-        assert self.stages is not None
-        decode = partial(_prepare_image, stages=self.stages, max_pixels=self.config.max_pixels)
+        assert self.decoder is not None
         # Each image decodes on the pool, in parallel with the model running other batches.
-        prepared = await asyncio.gather(*(loop.run_in_executor(self._decode, decode, data)
+        prepared = await asyncio.gather(*(self.decoder.decode(data)
                                           for data in request.images))
         assert self.image_batcher is not None
         return await self._encode(self.image_batcher, "images", prepared, model, context)
@@ -273,15 +280,6 @@ def _tokenize_all(texts: list[str], tokenizer: TextTokenizer,
         except ItemProblem as exc:
             out.append(str(exc))
     return out
-
-
-def _prepare_image(data: bytes, *, stages: PreprocessStages,
-                   max_pixels: int) -> tuple[Prepared, bool] | str:
-    """Decode + the PIL stage of preprocessing (runs on the decode pool, no torch)."""
-    try:
-        return image_pixels(data, stages, max_pixels), False
-    except ImageError as exc:
-        return str(exc)
 
 
 def _full_length_tokens(model: LoadedModel) -> torch.Tensor:

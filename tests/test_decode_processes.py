@@ -1,0 +1,119 @@
+"""--decode-in processes: images decode in worker processes (their own GIL; the default on
+a GPU, results/gpu-notes.md). Same vectors as decoding on threads, a bad image fails
+alone, the workers run below the encoder's priority, a killed worker is replaced without
+failing an image, and none outlives the encoder. Real processes, real photos, real kills."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client import EncoderClient
+from tests.servers import TAG_ENV, RunningService, start_service, tagged_processes, wait_gone
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="reads processes and their nice values from /proc")
+
+
+def _nice(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[16])
+
+
+def _workers(tag: str, encoder_pid: int) -> list[int]:
+    """The decoding workers: the encoder's descendants that run 10 steps below it (the
+    forkserver and multiprocessing's resource tracker stay at its priority)."""
+    lowered = min(19, _nice(encoder_pid) + 10)
+    found = []
+    for pid in tagged_processes(tag):
+        try:
+            if pid != encoder_pid and _nice(pid) == lowered:
+                found.append(pid)
+        except OSError:
+            continue  # ended meanwhile
+    return found
+
+
+def _encode(service: RunningService, images: list[bytes]) -> tuple[np.ndarray, dict[int, str]]:
+    with EncoderClient(service.address) as client:
+        results = client.encode_images_results(images)
+    return results.vectors, results.failures
+
+
+def test_worker_processes_decode_replace_the_dead_and_end_with_the_encoder(
+        tiny_clip: Path, encoder_tiny: RunningService, photos: list[Path],
+        tmp_path: Path) -> None:
+    images = [p.read_bytes() for p in photos[:6]]
+    mixed = [*images[:2], b"not an image", *images[2:]]
+    tag = uuid.uuid4().hex
+    service = start_service(["serve", "encoder", "--model", str(tiny_clip), "--device", "cpu",
+                             "--precision", "fp32", "--decode-in", "processes",
+                             "--decode-threads", "2"],
+                            tmp_path / "encoder.log", env={TAG_ENV: tag})
+    try:
+        assert re.search(r"images decode on 2 processes", service.log())
+        workers = _workers(tag, service.process.pid)
+        assert len(workers) == 2, (workers, tagged_processes(tag))
+
+        vectors, failures = _encode(service, mixed)
+        on_threads, _ = _encode(encoder_tiny, images)  # the default on a CPU: threads
+        assert list(failures) == [2] and "images[2]: not an image" in failures[2]
+        np.testing.assert_allclose(np.delete(vectors, 2, axis=0), on_threads, atol=1e-5)
+
+        os.kill(workers[0], signal.SIGKILL)  # a worker dies (OOM killer, a crash)
+        deadline = time.monotonic() + 10
+        while workers[0] in tagged_processes(tag) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        again, failures = _encode(service, images)
+        assert failures == {}
+        np.testing.assert_allclose(again, on_threads, atol=1e-5)
+        assert "an image-decoding worker process died; starting new ones" in service.log()
+        replaced = _workers(tag, service.process.pid)
+        # a new pool (started as calls need its workers): none of the old ones is left
+        assert 1 <= len(replaced) <= 2 and not set(workers) & set(replaced), (workers,
+                                                                               replaced)
+    finally:
+        code = service.stop()
+    assert code == 0
+    assert wait_gone(tag, [service.port], 20) == ([], [])
+
+
+def test_auto_decodes_on_threads_on_a_cpu(encoder_tiny: RunningService) -> None:
+    assert re.search(r"images decode on \d+ threads", encoder_tiny.log())
+
+
+def test_an_unknown_place_to_decode_is_refused() -> None:
+    done = subprocess.run([sys.executable, "-m", "clipsearch.cli", "serve", "encoder",
+                           "--decode-in", "sideways"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert ("cannot start: --decode-in 'sideways': expected auto, threads, processes"
+            in done.stderr)
+
+
+def test_default_workers_follow_the_cpus_this_process_may_use(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """os.cpu_count() is the whole host's, also in a container limited to a few CPUs."""
+    probe = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+             "from encoder_service.decoding import usable_cpus, default_workers as d; "
+             "print(usable_cpus(), d(0, True), d(0, False), d(5, True))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["1", "1", "1", "5"]
+
+    from encoder_service import decoding
+
+    monkeypatch.setattr(decoding, "usable_cpus", lambda: 64)  # a GPU node's 64 cores
+    assert decoding.default_workers(0, processes=True) == decoding.DEFAULT_MAX_PROCESSES
+    assert decoding.default_workers(0, processes=False) == 64
