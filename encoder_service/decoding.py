@@ -66,9 +66,9 @@ def _worker_pid() -> int:
 
 # ---- in the encoder ---------------------------------------------------------------------
 
-# Worker processes by default, at most: each holds ~130 MB of its own (measured here:
-# PSS 228 MB per worker beside a 672 MB forkserver), and 16 threads already decoded 5x
-# one thread's 209 images/s on the H200 machine. More with --decode-threads.
+# Worker processes by default, at most: each took 228 MB PSS (433 MB RSS, much of it
+# shared) beside a 672 MB forkserver, measured here with 2 workers; 16 threads already
+# decoded 5x one thread's 209 images/s on the H200 machine. More with --decode-threads.
 DEFAULT_MAX_PROCESSES = 16
 
 

@@ -76,7 +76,6 @@ class EncoderServicer:
         self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.text_batcher: DynamicBatcher[Prepared, Row] | None = None
         self.image_batcher: DynamicBatcher[Prepared, Row] | None = None
-        self.stages: PreprocessStages | None = None
         self.max_batch = config.max_batch
         # Set when the device failed for good: the process stops with a non-zero exit.
         self.failed = asyncio.Event()
@@ -164,7 +163,6 @@ class EncoderServicer:
             metrics.QUEUE_DEPTH.labels(tower).set_function(lambda: made.depth)
             return made
 
-        self.stages = stages
         self.text_batcher = batcher("text", run_texts)
         self.image_batcher = batcher("image", run_images)
         metrics.MODEL_LOAD_SECONDS.set(self.load_seconds)
