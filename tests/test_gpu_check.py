@@ -21,6 +21,10 @@ def test_gpu_check_runs_on_the_cpu(random_vit_b32: Path, tmp_path: Path) -> None
     assert found["chain"]["added"] == found["chain"]["images"] == 8
     assert [row["statuses"] for row in found["chain"]["search"]] == [{"OK": 4}, {"OK": 8}]
     assert all(row["images_per_s"] > 0 for row in found["throughput"])
+    decode = found["decode"]  # torchvision's decoding (on the CPU here) against PIL's
+    assert decode["torchvision_decodes_on"] == "cpu" and decode["images"] == 6
+    assert decode["pixels_max_abs_difference"] <= 2  # both libjpeg-turbo + bicubic
+    assert 0.9999 <= decode["vectors_least_cosine"] <= 1.0 + 1e-6
     assert "| fp16 |" in (tmp_path / "gpu.md").read_text()
 
 
