@@ -17,6 +17,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import warnings
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -49,9 +50,14 @@ _worker_stages: PreprocessStages | None = None
 _worker_max_pixels = 0
 
 
-def _worker_start(stages: PreprocessStages, max_pixels: int, nice: int) -> None:
+def _worker_start(stages: bytes, max_pixels: int, nice: int) -> None:
     global _worker_stages, _worker_max_pixels
-    _worker_stages, _worker_max_pixels = stages, max_pixels
+    # Unpickled here, not by the pool: it imports the model family's module (clip's warns
+    # about pkg_resources on import), a warning in the log once per worker otherwise.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _worker_stages = pickle.loads(stages)
+    _worker_max_pixels = max_pixels
     lower_thread_priority(nice)  # the worker's only thread: the whole process
 
 
@@ -101,6 +107,7 @@ class ImageDecoder:
     def __init__(self, workers: int, nice: int, processes: bool) -> None:
         self.workers, self.nice, self.processes = workers, nice, processes
         self._stages: PreprocessStages | None = None
+        self._pickled_stages = b""
         self._max_pixels = 0
         self._pool: Executor | None = None
         self._generation = 0  # which pool a failed call ran on, so only one replaces it
@@ -115,7 +122,7 @@ class ImageDecoder:
         self._stages, self._max_pixels = stages, max_pixels
         if self.processes:
             try:
-                pickle.dumps(stages)
+                self._pickled_stages = pickle.dumps(stages)
             except Exception as exc:  # a preprocess a worker could not receive
                 raise ModelLoadError(f"--decode-in processes: this model's preprocessing "
                                  f"cannot be sent to a worker process ({exc}); use "
@@ -136,7 +143,8 @@ class ImageDecoder:
         context.set_forkserver_preload(["encoder_service.decoding"])
         return ProcessPoolExecutor(self.workers, mp_context=context,
                                    initializer=_worker_start,
-                                   initargs=(self._stages, self._max_pixels, self.nice))
+                                   initargs=(self._pickled_stages, self._max_pixels,
+                                             self.nice))
 
     async def decode(self, data: bytes) -> Decoded:
         """The pixels of `data` (or why it cannot be used). A worker process that dies

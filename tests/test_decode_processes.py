@@ -63,6 +63,7 @@ def test_worker_processes_decode_replace_the_dead_and_end_with_the_encoder(
                             tmp_path / "encoder.log", env={TAG_ENV: tag})
     try:
         assert re.search(r"images decode on 2 processes", service.log())
+        assert "Warning" not in service.log()  # nothing from the workers' imports
         workers = _workers(tag, service.process.pid)
         assert len(workers) == 2, (workers, tagged_processes(tag))
 
