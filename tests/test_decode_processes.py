@@ -118,3 +118,34 @@ def test_default_workers_follow_the_cpus_this_process_may_use(
     monkeypatch.setattr(decoding, "usable_cpus", lambda: 64)  # a GPU node's 64 cores
     assert decoding.default_workers(0, processes=True) == decoding.DEFAULT_MAX_PROCESSES
     assert decoding.default_workers(0, processes=False) == 64
+
+
+def test_an_open_clip_preprocess_decodes_alike_in_a_worker(photos: list[Path]) -> None:
+    """Another family's PIL stage (SigLIP's: squash to 224x224, no crop) travels to the
+    workers and gives the same pixels there as in this process, byte for byte."""
+    import asyncio
+
+    from encoder_service.decoding import Decoded, ImageDecoder, prepare_image
+    from encoder_service.images import PreprocessStages
+    from encoder_service.model import load_model
+    from encoder_service.testmodels_open_clip import cached_random_open_clip
+
+    arch = "ViT-B-16-SigLIP"
+    model = load_model(f"open_clip:{arch}/{cached_random_open_clip(arch)}", device="cpu",
+                       precision="fp32")
+    stages = PreprocessStages.split(model.preprocess)
+    datas = [p.read_bytes() for p in photos[:4]]
+
+    async def in_workers() -> list[Decoded]:
+        decoder = ImageDecoder(2, 10, processes=True)
+        await decoder.start(stages, 10**8)
+        try:
+            return list(await asyncio.gather(*(decoder.decode(d) for d in datas)))
+        finally:
+            decoder.close()
+
+    for there, data in zip(asyncio.run(in_workers()), datas, strict=True):
+        here = prepare_image(data, stages, 10**8)
+        assert not isinstance(there, str) and not isinstance(here, str)
+        assert there[0].shape == (224, 224, 3)
+        np.testing.assert_array_equal(there[0], here[0])
