@@ -100,6 +100,7 @@ def default_workers(configured: int, processes: bool) -> int:
     cpus = usable_cpus()
     return min(cpus, DEFAULT_MAX_PROCESSES) if processes else cpus
 
+
 class ImageDecoder:
     """Decodes images for the encoder on `workers` threads or worker processes, each
     `nice` steps below the encoder's OS priority."""
@@ -125,8 +126,8 @@ class ImageDecoder:
                 self._pickled_stages = pickle.dumps(stages)
             except Exception as exc:  # a preprocess a worker could not receive
                 raise ModelLoadError(f"--decode-in processes: this model's preprocessing "
-                                 f"cannot be sent to a worker process ({exc}); use "
-                                 f"--decode-in threads") from exc
+                                     f"cannot be sent to a worker process ({exc}); use "
+                                     f"--decode-in threads") from exc
         self._pool = self._new_pool()
         if self.processes:  # one call per worker: the pool starts them all, at once
             loop = asyncio.get_running_loop()
