@@ -110,6 +110,12 @@ def tagged_processes(tag: str) -> list[int]:
     return found
 
 
+def nice_of(stat: Path) -> int:
+    """The nice value in a /proc/PID/stat or /proc/PID/task/TID/stat file (field 19)."""
+    text = stat.read_text()
+    return int(text[text.rindex(")") + 2:].split()[16])  # fields after "pid (comm) "
+
+
 def listening(port: int, host: str = "127.0.0.1") -> bool:
     """Whether something accepts connections on host:port."""
     with socket.socket() as sock:

@@ -14,7 +14,7 @@ import pytest
 from client import EncoderClient
 from encoder_service.config import EncoderConfig
 from encoder_service.priority import background_pool, lower_thread_priority
-from tests.servers import RunningService, running
+from tests.servers import RunningService, nice_of, running
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="per-thread nice values are a Linux feature")
@@ -25,11 +25,9 @@ def _thread_nices(pid: int) -> list[int]:
     nices = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            stat = (task / "stat").read_text()
+            nices.append(nice_of(task / "stat"))
         except FileNotFoundError:  # the thread ended meanwhile
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        nices.append(int(fields[16]))
     return nices
 
 

@@ -18,7 +18,14 @@ import numpy as np
 import pytest
 
 from client import EncoderClient
-from tests.servers import TAG_ENV, RunningService, start_service, tagged_processes, wait_gone
+from tests.servers import (
+    TAG_ENV,
+    RunningService,
+    nice_of,
+    start_service,
+    tagged_processes,
+    wait_gone,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,8 +34,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
 
 
 def _nice(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat[stat.rindex(")") + 2:].split()[16])
+    return nice_of(Path(f"/proc/{pid}/stat"))
 
 
 def _workers(tag: str, encoder_pid: int) -> list[int]:
