@@ -99,15 +99,17 @@ def throughput(checkpoint: Path, photo: Path, batches: list[int],
     return rows
 
 
-def gpu_decode(checkpoint: Path, photos: list[Path], stages: PreprocessStages,
-               precision: str) -> dict[str, Any]:
+def gpu_decode(checkpoint: Path, photos: list[Path], precision: str) -> dict[str, Any]:
     """torchvision.io.decode_jpeg on the GPU against PIL (decode + the PIL stage): speed,
     pixels, and what the difference does to the vectors (the least cosine between each
     photo's vector from either decoding, `precision` on this device). Without a GPU the
     same code decodes with torchvision on the CPU, so that it runs in CI."""
+    where = device()
+    model = load_model(str(checkpoint), device=where, precision=precision,
+                       allow_fp16_on_cpu=True)
+    stages = PreprocessStages.split(model.preprocess)
     datas = [p.read_bytes() for p in photos]
     pil_s = timed(lambda: [image_pixels(d, stages, 10**8) for d in datas], 1.0, 1)
-    where = device()
     out: dict[str, Any] = {"images": len(datas), "pil_images_per_s": len(datas) / pil_s,
                            "torchvision_decodes_on": where}
     encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
@@ -125,10 +127,7 @@ def gpu_decode(checkpoint: Path, photos: list[Path], stages: PreprocessStages,
     tv_pixels = torch.stack(decode_with_torchvision()).permute(0, 2, 3, 1).cpu().numpy()
     pil_pixels = np.stack([image_pixels(d, stages, 10**8) for d in datas])
     difference = np.abs(tv_pixels.astype(np.int16) - pil_pixels.astype(np.int16))
-    model = load_model(str(checkpoint), device=where, precision=precision,
-                       allow_fp16_on_cpu=True)
-    model_stages = PreprocessStages.split(model.preprocess)
-    vectors = [np.concatenate([encode_pixels(model, model_stages, list(pixels[i:i + 64]))
+    vectors = [np.concatenate([encode_pixels(model, stages, list(pixels[i:i + 64]))
                                for i in range(0, len(pixels), 64)])
                for pixels in (tv_pixels, pil_pixels)]
     out.update({"torchvision_images_per_s": len(datas) / torchvision_s,
@@ -227,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("parity", lambda: parity(checkpoint, photos, ["fp32", "fp16"])),
         ("throughput", lambda: throughput(checkpoint, photos[0], batches, precision)),
-        ("decode", lambda: gpu_decode(checkpoint, photos, PreprocessStages.split(
-            clip.clip._transform(224)), precision)),
+        ("decode", lambda: gpu_decode(checkpoint, photos, precision)),
         ("chain", lambda: chain(checkpoint, count, totals, 256 if on_gpu else 32)),
     ]
     results["throughput_precision"] = precision
