@@ -17,7 +17,6 @@ import json
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,17 +28,15 @@ import torchvision
 from PIL import Image
 from torchvision.transforms import v2 as transforms_v2
 
+from benchmarks.gpu_chain import DEFAULT_INDEX, chain
 from benchmarks.gpu_encoder import TEXTS, cosines, reference_vectors
 from benchmarks.gpu_encoder import encode as encode_pixels
-from benchmarks.loadgen import LoadConfig, run
-from benchmarks.sections import PHOTOS, SEARCH_REQUEST, _photo_folder, _report_dict, timed
-from client import SearchClient, image_files
+from benchmarks.sections import PHOTOS, timed
 from encoder_service.decoding import ImageDecoder, default_workers
 from encoder_service.device import PARITY_MIN_COSINE
 from encoder_service.images import PreprocessStages, image_pixels
 from encoder_service.model import clip, load_model
 from encoder_service.testmodels import cached_random_vit_b32
-from tests.servers import running
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
@@ -153,40 +150,6 @@ async def _decode_alone(paths: list[Path], processes: bool) -> float:
         decoder.close()
 
 
-def chain(checkpoint: Path, count: int, search_totals: list[tuple[int, int]],
-          max_batch: int) -> dict[str, Any]:
-    """Ingest through both services (with the same decoding alone, for its share)
-    and SearchText under load."""
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        folder = tmp / "photos"
-        folder.mkdir()
-        paths = _photo_folder(folder, count)
-        decode_rate = asyncio.run(_decode_alone(paths, processes=torch.cuda.is_available()))
-        with running(["serve", "encoder", "--model", str(checkpoint), "--device", device(),
-                      "--max-batch", str(max_batch)], tmp / "encoder.log") as encoder, \
-            running(["serve", "search", "--encoder", encoder.address, "--milvus",
-                     str(tmp / "milvus.db"),
-                     # The warm-up sends the measured run's texts: with the query cache on,
-                     # the run would measure cache hits, not the encoder.
-                     "--no-query-cache"], tmp / "search.log") as search, \
-                SearchClient(search.address) as client:
-            started = time.perf_counter()
-            summary = client.index_files(image_files(folder))
-            ingest_rate = count / (time.perf_counter() - started)
-            loads = []
-            for concurrency, total in search_totals:
-                config = LoadConfig(call="clipsearch.search.v1.Search.SearchText",
-                                    host=search.address, data=SEARCH_REQUEST,
-                                    concurrency=concurrency, total=total)
-                asyncio.run(run(config))  # warm-up at this concurrency
-                loads.append({"concurrency": concurrency,
-                              **_report_dict(asyncio.run(run(config)))})
-    return {"images": count, "added": summary.added, "ingest_images_per_s": ingest_rate,
-            "decode_alone_images_per_s": decode_rate,
-            "decode_share": ingest_rate / decode_rate, "search": loads}
-
-
 def write_markdown(results: dict[str, Any], out: Path) -> None:
     lines = ["# GPU check", "", "Written by `python -m benchmarks.gpu_check`; "
              "the model is a random-weight ViT-B/32 (the real one's cost).", "",
@@ -217,17 +180,23 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = torch.cuda.is_available()
     if args.quick:
         photos, batches, totals, count = photos[:6], [1, 2], [(1, 4), (4, 8)], 8
+        settings = [DEFAULT_INDEX, (2, 4)]
     else:
         batches = [1, 8, 32, 64, 128, 256, 512] if on_gpu else [1, 8, 32]
         totals = [(1, 200), (64, 6400)] if on_gpu else [(1, 40), (64, 320)]
         count = 2000 if on_gpu else 200
+        # A GPU encodes a batch in a few ms, so bigger and more Index batches in flight
+        # may keep it busier than the default (32 images, 2 in flight).
+        settings = [DEFAULT_INDEX, (128, 2), (128, 4), (256, 4)] if on_gpu else [DEFAULT_INDEX]
     precision = "fp16" if on_gpu else "fp32"
     results: dict[str, Any] = {"environment": environment(), "quick": args.quick}
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("parity", lambda: parity(checkpoint, photos, ["fp32", "fp16"])),
         ("throughput", lambda: throughput(checkpoint, photos[0], batches, precision)),
         ("decode", lambda: gpu_decode(checkpoint, photos, precision)),
-        ("chain", lambda: chain(checkpoint, count, totals, 256 if on_gpu else 32)),
+        ("chain", lambda: chain(
+            checkpoint, device(), count, settings, totals, 256 if on_gpu else 32,
+            lambda paths: asyncio.run(_decode_alone(paths, processes=on_gpu)))),
     ]
     results["throughput_precision"] = precision
     args.out.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,9 @@ class SearchConfig(ServerConfig):
     max_top_k: int = option("largest top_k a search may ask for", default=1000)
     index_batch: int = option("images per encoder call and Milvus write during Index",
                               default=32)
+    index_pipeline: int = option("Index batches prepared at once (checked, looked up, "
+                                 "encoded) while the oldest is stored; more keeps a fast "
+                                 "(GPU) encoder busy, see results/gpu.md", default=2)
     max_uri_bytes: int = option("longest uri accepted at Index", default=2048)
     max_metadata_bytes: int = option("largest metadata JSON accepted at Index", default=16384)
     max_pixels: int = option("largest image accepted, in pixels", default=40_000_000)

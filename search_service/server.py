@@ -134,8 +134,11 @@ class SearchServicer(QueryRpcs):
         self.model_name = ""
         self._db = ThreadPoolExecutor(4, thread_name_prefix="milvus")
         self._decode = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="decode")
-        if config.query_batches < 1:
-            raise ServiceConfigError(f"--query-batches {config.query_batches}: at least 1")
+        for flag, value in (("--query-batches", config.query_batches),
+                            ("--index-batch", config.index_batch),
+                            ("--index-pipeline", config.index_pipeline)):
+            if value < 1:
+                raise ServiceConfigError(f"{flag} {value}: at least 1")
         self.queries: DynamicBatcher[TextQuery, list[StoreHit] | Exception] = DynamicBatcher(
             self._run_text_queries, max_batch=64, max_delay_s=config.query_batch_delay_ms / 1000,
             max_queue=4096, concurrency=config.query_batches)
@@ -309,9 +312,10 @@ class SearchServicer(QueryRpcs):
 
     async def Index(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
                     ) -> AsyncIterator[search_pb2.IndexResult]:
-        """Reads items in batches. Two batches are prepared (checked, looked up, encoded)
-        at once, so the encoder is never idle waiting for Milvus; storing is sequential,
-        in stream order, and answers each item once its row is durable."""
+        """Reads items in batches. `--index-pipeline` batches are prepared (checked,
+        looked up, encoded) at once, so the encoder is never idle waiting for Milvus;
+        storing is sequential, in stream order, and answers each item once its row is
+        durable."""
         store = await self._ready(context)
         rid = request_id(context)
         stored_ids: set[str] = set()  # ids this stream has stored or found, for dedupe
@@ -321,7 +325,7 @@ class SearchServicer(QueryRpcs):
             preparing.append(asyncio.ensure_future(
                 self._prepare_batch(store, batch, sequence, self._deadline(context), rid)))
             sequence += len(batch)
-            if len(preparing) >= 2:
+            if len(preparing) >= self.config.index_pipeline:
                 for result in await self._store_batch(store, await preparing.pop(0),
                                                       stored_ids):
                     yield result

@@ -19,6 +19,12 @@ def test_gpu_check_runs_on_the_cpu(random_vit_b32: Path, tmp_path: Path) -> None
     assert [row["precision"] for row in found["parity"]] == ["fp32", "fp16"]
     assert all(row["ok"] for row in found["parity"])
     assert found["chain"]["added"] == found["chain"]["images"] == 8
+    settings = found["chain"]["ingest_by_setting"]  # each on a fresh collection
+    assert [(r["index_batch"], r["index_pipeline"], r["added"]) for r in settings] == \
+        [(32, 2, 8), (2, 4, 8)]
+    assert all(r["cpu_ms_per_image"]["encoder"] > 0 and r["mean_ms"]["milvus_upsert"] > 0
+               for r in settings)
+    assert settings[1]["mean_ms"]["model_batch"] is not None
     assert [row["statuses"] for row in found["chain"]["search"]] == [{"OK": 4}, {"OK": 8}]
     assert all(row["images_per_s"] > 0 for row in found["throughput"])
     decode = found["decode"]  # torchvision's decoding (on the CPU here) against PIL's
