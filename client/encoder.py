@@ -30,6 +30,7 @@ class ModelInfo:
     image_resolution: int
     fingerprint: str
     device_note: str = ""  # why `--device auto` runs on the CPU, when it does
+    max_message_bytes: int = 0  # largest request the encoder takes (0: not told)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class EncoderClient(StubClient):
             self._info = ModelInfo(info.name, info.dimension, info.device, info.precision,
                                    info.max_batch, info.max_delay_ms, info.max_items_per_call,
                                    info.context_length, info.image_resolution, info.fingerprint,
-                                   info.device_note)
+                                   info.device_note, info.max_message_bytes)
         return self._info
 
     def encode_texts_results(self, texts: Sequence[str]) -> EncodeResults:

@@ -259,6 +259,7 @@ class EncoderServicer:
             precision=model.precision, max_batch=self.max_batch,
             max_delay_ms=self.config.max_delay_ms,
             max_items_per_call=self.config.max_items_per_call,
+            max_message_bytes=int(self.config.max_message_mb * 2**20),
             context_length=model.context_length, image_resolution=model.image_resolution,
             fingerprint=model.fingerprint, device_note=model.device_note,
             family=traits.family, architecture=traits.architecture,

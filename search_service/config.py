@@ -52,8 +52,9 @@ class SearchConfig(ServerConfig):
     allow_raw_filters: bool = option("accept raw Milvus filter expressions from callers",
                                      default=False)
     max_top_k: int = option("largest top_k a search may ask for", default=1000)
-    index_batch: int = option("images per encoder call and Milvus write during Index",
-                              default=32)
+    index_batch: int = option("images per encoder call and Milvus write during Index "
+                              "(fewer where the encoder takes fewer per call, or where their "
+                              "bytes would pass its message limit)", default=32)
     index_pipeline: int = option("Index batches prepared at once (checked, looked up, "
                                  "encoded) while the oldest is stored; more keeps a fast "
                                  "(GPU) encoder busy, see results/gpu.md", default=2)

@@ -40,6 +40,7 @@ from search_service.filters import (
     StructuredFilter,
     build_expression,
 )
+from search_service.index_batches import CallLimits, batches
 from search_service.queries import ItemNotFound, QueryRpcs, uses_options
 from search_service.query_cache import QueryCache
 from search_service.store import (
@@ -132,6 +133,7 @@ class SearchServicer(QueryRpcs):
                                       enabled=config.query_cache)
         self.store: VectorStore | None = None
         self.model_name = ""
+        self._call_limits = CallLimits(config.index_batch, int(config.max_message_mb * 2**20))
         self._db = ThreadPoolExecutor(4, thread_name_prefix="milvus")
         self._decode = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="decode")
         for flag, value in (("--query-batches", config.query_batches),
@@ -153,6 +155,8 @@ class SearchServicer(QueryRpcs):
             dimension=info.dimension, model=info.name, model_fingerprint=info.fingerprint,
             index_type=self.config.index_type, token=self.config.milvus_token,
             search_ef=self.config.search_ef, search_nprobe=self.config.search_nprobe))
+        self._call_limits = CallLimits.fitting(self.config.index_batch,
+                                               self.config.max_message_mb, info)
         self.model_name = info.name
         self.query_cache.model = info.fingerprint
         self.queries.start()
@@ -321,7 +325,7 @@ class SearchServicer(QueryRpcs):
         stored_ids: set[str] = set()  # ids this stream has stored or found, for dedupe
         preparing: list[asyncio.Task[PreparedBatch]] = []
         sequence = 0
-        async for batch in _batches(requests, self.config.index_batch):
+        async for batch in batches(requests, self._call_limits):
             preparing.append(asyncio.ensure_future(
                 self._prepare_batch(store, batch, sequence, self._deadline(context), rid)))
             sequence += len(batch)
@@ -355,6 +359,9 @@ class SearchServicer(QueryRpcs):
         if not isinstance(parsed, dict):
             return _failed(sequence, uri, "metadata_json must be a JSON object")
         item_id = hashlib.sha256(item.image).hexdigest() if item.image else ""
+        too_large = self._call_limits.too_large(len(item.image))
+        if too_large:
+            return _failed(sequence, uri, too_large, item_id=item_id)
         try:
             # The header only: the encoder decodes fully and reports a bad body per item.
             image = probe_image(item.image, self.config.max_pixels)
@@ -446,35 +453,6 @@ class PreparedBatch:
 
     def fail(self, item: CheckedItem, error: str, code: int) -> None:
         self.results[item.sequence] = _failed(item.sequence, item.uri, error, code, item.id)
-
-
-async def _batches(requests: AsyncIterator[Any], size: int,
-                   pause_s: float = 0.02) -> AsyncIterator[list[Any]]:
-    """Groups a request stream into lists of up to `size`; a pause in the stream (a slow
-    or interactive client) closes a batch early, so no item waits for the next."""
-    iterator = requests.__aiter__()
-    pending: asyncio.Task[Any] | None = None
-    batch: list[Any] = []
-    while True:
-        if pending is None:
-            pending = asyncio.ensure_future(iterator.__anext__())
-        done, _ = await asyncio.wait({pending}, timeout=pause_s if batch else None)
-        if not done:
-            yield batch
-            batch = []
-            continue
-        try:
-            batch.append(pending.result())
-        except StopAsyncIteration:
-            if batch:
-                yield batch
-            return
-        finally:
-            if done:
-                pending = None
-        if len(batch) >= size:
-            yield batch
-            batch = []
 
 
 def _response(hits: Sequence[StoreHit]) -> search_pb2.SearchResponse:

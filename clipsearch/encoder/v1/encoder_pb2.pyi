@@ -238,6 +238,7 @@ class ModelInfo(_message.Message):
     TOKENIZER_FIELD_NUMBER: _builtins.int
     TEXT_TRUNCATION_FIELD_NUMBER: _builtins.int
     PREPROCESS_FIELD_NUMBER: _builtins.int
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The model's name ("ViT-B/32") or the checkpoint file it was loaded from."""
     dimension: _builtins.int
@@ -281,6 +282,11 @@ class ModelInfo(_message.Message):
     """
     text_truncation: _builtins.str
     """How a text longer than context_length is cut, in words."""
+    max_message_bytes: _builtins.int
+    """Largest request message the encoder accepts, bytes (its --max-message-mb):
+    callers cut their calls to fit, e.g. the search service's Index batches.
+    0 from an encoder older than this field.
+    """
     @_builtins.property
     def preprocess(self) -> Global___ImagePreprocess:
         """How an image becomes the image tower's input."""
@@ -304,10 +310,11 @@ class ModelInfo(_message.Message):
         tokenizer: _builtins.str = ...,
         text_truncation: _builtins.str = ...,
         preprocess: Global___ImagePreprocess | None = ...,
+        max_message_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["preprocess", b"preprocess"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "context_length", b"context_length", "device", b"device", "device_note", b"device_note", "dimension", b"dimension", "family", b"family", "fingerprint", b"fingerprint", "image_resolution", b"image_resolution", "max_batch", b"max_batch", "max_delay_ms", b"max_delay_ms", "max_items_per_call", b"max_items_per_call", "name", b"name", "precision", b"precision", "preprocess", b"preprocess", "text_truncation", b"text_truncation", "tokenizer", b"tokenizer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "context_length", b"context_length", "device", b"device", "device_note", b"device_note", "dimension", b"dimension", "family", b"family", "fingerprint", b"fingerprint", "image_resolution", b"image_resolution", "max_batch", b"max_batch", "max_delay_ms", b"max_delay_ms", "max_items_per_call", b"max_items_per_call", "max_message_bytes", b"max_message_bytes", "name", b"name", "precision", b"precision", "preprocess", b"preprocess", "text_truncation", b"text_truncation", "tokenizer", b"tokenizer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
