@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -30,7 +31,25 @@ class PlainFormatter(logging.Formatter):
         return f"{line} {extras}" if extras else line
 
 
+# grpc's aio server logs here, with a traceback, a handler that ended by an exception it
+# did not handle itself: among them one cancelled by the server's own stop (seen in CI: a
+# health Watch that a peer opened in the same millisecond as a failed start stopped it).
+GRPC_SERVER_LOGGER = "grpc._cython.cygrpc"
+
+
+class CancelledCallFilter(logging.Filter):
+    """Drops grpc's record of a call cancelled (by a stopping server or a departed peer):
+    a cancelled call is not an error, and its traceback would read like one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, asyncio.CancelledError)
+
+
 def configure_logging(json_lines: bool = False, level: int = logging.INFO) -> None:
+    grpc_server = logging.getLogger(GRPC_SERVER_LOGGER)
+    if not any(isinstance(f, CancelledCallFilter) for f in grpc_server.filters):
+        grpc_server.addFilter(CancelledCallFilter())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else
                          PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

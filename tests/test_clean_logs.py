@@ -7,12 +7,17 @@ search_service/store.py), then a graceful stop; the test reads both logs."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from client import SearchClient
+from clipsearch.logs import GRPC_SERVER_LOGGER, configure_logging
 from tests.servers import running
 
 RUN_S = 35.0  # busy 5 s, quiet 25 s, busy 5 s
@@ -82,3 +87,26 @@ def test_healthy_run_logs_no_error_line(tiny_clip: Path, photos: list[Path],
     assert (search_code, encoder_code) == (0, 0)
     for service in (search, encoder):
         assert error_lines(service.log()) == [], service.log_path
+
+
+def test_a_cancelled_call_logs_no_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    """grpc logs a handler cancelled by the server's stop as an unhandled exception, with a
+    traceback (a CI run's failed start did, for a health Watch opened in that millisecond);
+    the services drop that record, and keep grpc's other errors."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure_logging()
+        grpc_server = logging.getLogger(GRPC_SERVER_LOGGER)
+        for error in (asyncio.CancelledError(), ValueError("a real bug")):
+            try:
+                raise error
+            except BaseException:
+                grpc_server.exception("Exception not handled by _handle_exceptions in "
+                                      "servicer method [/grpc.health.v1.Health/Watch]")
+        logged = capsys.readouterr().err
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert logged.count("Exception not handled") == 1, logged
+    assert "ValueError: a real bug" in logged and "CancelledError" not in logged
