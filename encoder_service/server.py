@@ -17,6 +17,7 @@ import torch
 from clipsearch import lifecycle, metrics
 from clipsearch.batcher import BatcherStopped, DynamicBatcher, QueueFull
 from clipsearch.encoder.v1 import encoder_pb2
+from clipsearch.grpc_options import message_bytes
 from clipsearch.serving import Service, serve_until_stopped
 from encoder_service.config import EncoderConfig
 from encoder_service.decoding import ImageDecoder, default_workers
@@ -259,7 +260,7 @@ class EncoderServicer:
             precision=model.precision, max_batch=self.max_batch,
             max_delay_ms=self.config.max_delay_ms,
             max_items_per_call=self.config.max_items_per_call,
-            max_message_bytes=int(self.config.max_message_mb * 2**20),
+            max_message_bytes=message_bytes(self.config.max_message_mb),
             context_length=model.context_length, image_resolution=model.image_resolution,
             fingerprint=model.fingerprint, device_note=model.device_note,
             family=traits.family, architecture=traits.architecture,

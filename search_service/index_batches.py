@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from clipsearch.grpc_options import message_bytes
 from clipsearch.serving import MalformedRequest
 
 # Room in an encoder request beyond its images' bytes: protobuf's tag and length per image
@@ -42,7 +43,7 @@ class CallLimits:
         items = index_batch
         if encoder.max_items_per_call > 0:
             items = min(items, encoder.max_items_per_call)
-        message = int(max_message_mb * 2**20)
+        message = message_bytes(max_message_mb)
         if encoder.max_message_bytes > 0:
             message = min(message, encoder.max_message_bytes)
         return cls(items, message)

@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_limits
 
 from clipsearch import metrics
 from clipsearch.batcher import DynamicBatcher, QueueFull
+from clipsearch.grpc_options import message_bytes
 from clipsearch.image_check import ImageError, probe_image
 from clipsearch.search.v1 import search_pb2
 from clipsearch.serving import (
@@ -133,7 +134,7 @@ class SearchServicer(QueryRpcs):
                                       enabled=config.query_cache)
         self.store: VectorStore | None = None
         self.model_name = ""
-        self._call_limits = CallLimits(config.index_batch, int(config.max_message_mb * 2**20))
+        self._call_limits = CallLimits(config.index_batch, message_bytes(config.max_message_mb))
         self._db = ThreadPoolExecutor(4, thread_name_prefix="milvus")
         self._decode = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="decode")
         for flag, value in (("--query-batches", config.query_batches),
