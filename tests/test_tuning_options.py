@@ -1,6 +1,7 @@
 """Performance settings that must be right at start. --omp-wait-policy: the encoder sets
 OMP_WAIT_POLICY before torch loads (OpenMP reads it once), rejects a value OpenMP does not
-know, and leaves the environment alone when empty. --query-batches: at least one."""
+know, and leaves the environment alone when empty. --query-batches, --index-batch and
+--index-pipeline: at least one."""
 
 from __future__ import annotations
 
@@ -55,10 +56,12 @@ def test_too_late_once_torch_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
-def test_search_service_refuses_zero_query_batches() -> None:
-    """--query-batches 0 would let no search batch run: refused at start, with the reason."""
+@pytest.mark.parametrize("flag", ["--query-batches", "--index-batch", "--index-pipeline"])
+def test_search_service_refuses_zero_batches(flag: str) -> None:
+    """Zero search batches, Index items per batch or Index batches in flight would let
+    nothing run: refused at start, with the reason."""
     done = subprocess.run([sys.executable, "-m", "clipsearch.cli", "serve", "search",
-                           "--query-batches", "0", "--encoder", "127.0.0.1:1"], cwd=ROOT,
+                           flag, "0", "--encoder", "127.0.0.1:1"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert "cannot start: --query-batches 0: at least 1" in done.stderr
+    assert f"cannot start: {flag} 0: at least 1" in done.stderr
