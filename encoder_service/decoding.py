@@ -17,9 +17,11 @@ import math
 import multiprocessing
 import os
 import pickle
+import time
 import warnings
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.synchronize import Semaphore
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +52,7 @@ _worker_stages: PreprocessStages | None = None
 _worker_max_pixels = 0
 
 
-def _worker_start(stages: bytes, max_pixels: int, nice: int) -> None:
+def _worker_start(stages: bytes, max_pixels: int, nice: int, ready: Semaphore) -> None:
     global _worker_stages, _worker_max_pixels
     # Unpickled here, not by the pool: it imports the model family's module (clip's warns
     # about pkg_resources on import), a warning in the log once per worker otherwise.
@@ -59,6 +61,7 @@ def _worker_start(stages: bytes, max_pixels: int, nice: int) -> None:
         _worker_stages = pickle.loads(stages)
     _worker_max_pixels = max_pixels
     lower_thread_priority(nice)  # the worker's only thread: the whole process
+    ready.release()  # one per worker up; start() waits for all of them
 
 
 def _worker_decode(data: bytes) -> Decoded:
@@ -76,6 +79,9 @@ def _worker_pid() -> int:
 # shared) beside a 672 MB forkserver, measured here with 2 workers; 16 threads already
 # decoded 5x one thread's 209 images/s on the H200 machine. More with --decode-threads.
 DEFAULT_MAX_PROCESSES = 16
+# How long start() waits for every worker's initializer (each imports the model family's
+# module; seconds on a loaded CI machine).
+WORKERS_UP_SECONDS = 120.0
 
 
 def usable_cpus() -> int:
@@ -112,6 +118,7 @@ class ImageDecoder:
         self._max_pixels = 0
         self._pool: Executor | None = None
         self._generation = 0  # which pool a failed call ran on, so only one replaces it
+        self._ready: Semaphore | None = None  # released by each worker once it is up
 
     @property
     def kind(self) -> str:
@@ -133,6 +140,18 @@ class ImageDecoder:
             loop = asyncio.get_running_loop()
             await asyncio.gather(*(loop.run_in_executor(self._pool, _worker_pid)
                                    for _ in range(self.workers)))
+            # The first worker up may have answered every call while the others were
+            # still importing: wait for each one's initializer (seen in CI, 1 of 2 up).
+            await loop.run_in_executor(None, self._await_workers, WORKERS_UP_SECONDS)
+
+    def _await_workers(self, seconds: float) -> None:
+        assert self._ready is not None
+        deadline = time.monotonic() + seconds
+        for up in range(self.workers):
+            if not self._ready.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise ModelLoadError(f"--decode-in processes: {up} of {self.workers} "
+                                     f"image-decoding worker processes started within "
+                                     f"{seconds:.0f} s")
 
     def _new_pool(self) -> Executor:
         assert self._stages is not None
@@ -142,10 +161,12 @@ class ImageDecoder:
         # whose CUDA context and OpenMP threads a fork would not carry over safely.
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["encoder_service.decoding"])
+        # Only start() waits on it; a replacement pool's releases are never taken (harmless).
+        self._ready = context.Semaphore(0)
         return ProcessPoolExecutor(self.workers, mp_context=context,
                                    initializer=_worker_start,
                                    initargs=(self._pickled_stages, self._max_pixels,
-                                             self.nice))
+                                             self.nice, self._ready))
 
     async def decode(self, data: bytes) -> Decoded:
         """The pixels of `data` (or why it cannot be used). A worker process that dies
