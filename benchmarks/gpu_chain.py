@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import LoadConfig, run
-from benchmarks.sections import SEARCH_REQUEST, _photo_folder, _report_dict, _scrape
+from benchmarks.scrape import metrics_window
+from benchmarks.sections import SEARCH_REQUEST, photo_folder, report_dict
 from client import SearchClient
 from tests.servers import RunningService, free_port, running
 
@@ -46,12 +47,6 @@ def tree_cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def _mean_ms(delta: dict[str, float], histogram: str, labels: str) -> float | None:
-    """The mean of a Prometheus histogram's observations in `delta`, in ms."""
-    count = delta.get(f"{histogram}_count{{{labels}}}", 0.0)
-    return round(1000 * delta[f"{histogram}_sum{{{labels}}}"] / count, 2) if count else None
-
-
 def ingest(encoder: RunningService, encoder_metrics: int, paths: list[Path], batch: int,
            pipeline: int, db: Path) -> dict[str, Any]:
     """images/s through both services at one Index setting, with CPU ms per image by
@@ -62,25 +57,23 @@ def ingest(encoder: RunningService, encoder_metrics: int, paths: list[Path], bat
                   "--metrics-port", str(port)], db.with_suffix(".log")) as search, \
             SearchClient(search.address) as client:
         pids = {"encoder": encoder.process.pid, "search": search.process.pid}
-        before = _scrape([encoder_metrics, port])
-        cpu_before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
-        client_before = time.process_time()
-        started = time.perf_counter()
-        summary = client.index_files(paths)
-        seconds = time.perf_counter() - started
-        cpu = {name: tree_cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
-        cpu["client"] = time.process_time() - client_before
-        after = _scrape([encoder_metrics, port])
-    delta = {key: after[key] - before.get(key, 0.0) for key in after}
+        with metrics_window([encoder_metrics, port]) as spent:
+            cpu_before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
+            client_before = time.process_time()
+            started = time.perf_counter()
+            summary = client.index_files(paths)
+            seconds = time.perf_counter() - started
+            cpu = {name: tree_cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+            cpu["client"] = time.process_time() - client_before
     return {"index_batch": batch, "index_pipeline": pipeline, "added": summary.added,
             "failed": summary.failed, "images_per_s": len(paths) / seconds,
             "cpu_ms_per_image": {name: round(1000 * s / len(paths), 3)
                                  for name, s in cpu.items()},
             "mean_ms": {
-                "encode_call": _mean_ms(delta, REQUEST, 'method="EncodeImage"'),
-                "model_batch": _mean_ms(delta, MODEL_BATCH, 'tower="image"'),
-                "milvus_query": _mean_ms(delta, MILVUS, 'operation="query"'),
-                "milvus_upsert": _mean_ms(delta, MILVUS, 'operation="upsert"')}}
+                "encode_call": spent.mean_ms(REQUEST, 'method="EncodeImage"'),
+                "model_batch": spent.mean_ms(MODEL_BATCH, 'tower="image"'),
+                "milvus_query": spent.mean_ms(MILVUS, 'operation="query"'),
+                "milvus_upsert": spent.mean_ms(MILVUS, 'operation="upsert"')}}
 
 
 def chain(checkpoint: Path, device: str, count: int, settings: list[tuple[int, int]],
@@ -93,7 +86,7 @@ def chain(checkpoint: Path, device: str, count: int, settings: list[tuple[int, i
         tmp = Path(tmp_name)
         folder = tmp / "photos"
         folder.mkdir()
-        paths = _photo_folder(folder, count)
+        paths = photo_folder(folder, count)
         decode_rate = decode_alone(paths)
         metrics_port = free_port()
         with running(["serve", "encoder", "--model", str(checkpoint), "--device", device,
@@ -114,7 +107,7 @@ def chain(checkpoint: Path, device: str, count: int, settings: list[tuple[int, i
                                         concurrency=concurrency, total=total)
                     asyncio.run(run(config))  # warm-up at this concurrency
                     loads.append({"concurrency": concurrency,
-                                  **_report_dict(asyncio.run(run(config)))})
+                                  **report_dict(asyncio.run(run(config)))})
     default = ingests[0]
     return {"images": count, "added": default["added"],
             "ingest_images_per_s": default["images_per_s"],

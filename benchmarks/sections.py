@@ -8,7 +8,6 @@ import asyncio
 import statistics
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from google.protobuf import json_format
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.loadgen import LoadConfig, Report, run
+from benchmarks.scrape import Spent, metrics_window
 from benchmarks.seed import SeedTutorial, percentiles_ms
 from client import SearchClient, image_files
 from clipsearch.encoder.v1 import encoder_pb2
@@ -115,14 +115,15 @@ def encoder_alone(args: argparse.Namespace) -> dict[str, Any]:
             "note": "texts are short prompts (~8 tokens), the tower cut at end-of-text"}
 
 
-def _report_dict(report: Report) -> dict[str, Any]:
+def report_dict(report: Report) -> dict[str, Any]:
+    """A load report as JSON-ready numbers (floats to 3 decimals)."""
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in report.to_dict().items()}
 
 
 def _load(address: str, call: str, request: Any, concurrency: int, total: int) -> dict[str, Any]:
     config = LoadConfig(call=call, host=address, data=json_format.MessageToDict(request),
                         concurrency=concurrency, total=total)
-    return _report_dict(asyncio.run(run(config)))
+    return report_dict(asyncio.run(run(config)))
 
 
 def encoder_service(args: argparse.Namespace) -> dict[str, Any]:
@@ -147,7 +148,7 @@ def encoder_service(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": rows}
 
 
-def _photo_folder(folder: Path, count: int) -> list[Path]:
+def photo_folder(folder: Path, count: int) -> list[Path]:
     """`count` distinct files: the sample photos, then copies with a unique trailer after
     the JPEG end marker (same pixels, new bytes, so new ids)."""
     photos = sorted(p for p in PHOTOS.iterdir() if p.is_file())
@@ -191,31 +192,17 @@ def _index_rate(checkpoint: Path, precision: str, encoder_extra: list[str], fold
                  str(tmp / f"{name}.db"), "--metrics-port", str(ports[1])],
                 tmp / f"search-{name}.log") as search, \
             SearchClient(search.address) as client:
-        before = _scrape(ports)
-        started = time.perf_counter()
-        summary = client.index_files(image_files(folder))
-        seconds = time.perf_counter() - started
-        after = _scrape(ports)
+        with metrics_window(ports) as spent:
+            started = time.perf_counter()
+            summary = client.index_files(image_files(folder))
+            seconds = time.perf_counter() - started
         assert summary.added == images, summary.failures[:3]
-    spent = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-    batches = spent.get('clipsearch_encoder_batch_seconds_count{tower="image"}', 0.0)
-    model_s = spent.get('clipsearch_encoder_batch_seconds_sum{tower="image"}', 0.0)
-    upsert_s = spent.get('clipsearch_milvus_seconds_sum{operation="upsert"}', 0.0)
+    model_s = spent('clipsearch_encoder_batch_seconds_sum{tower="image"}')
     return {"images_per_s": images / seconds, "seconds": seconds, "model_busy": model_s / seconds,
-            "model_ms_per_image": 1000 * model_s / images, "image_batches": batches,
-            "milvus_write_share": upsert_s / seconds}
-
-
-def _scrape(ports: list[int]) -> dict[str, float]:
-    """Every sample of the services' /metrics, by name and labels."""
-    samples = {}
-    for port in ports:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
-        for line in text.decode().splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                samples[key] = float(value)
-    return samples
+            "model_ms_per_image": 1000 * model_s / images,
+            "image_batches": spent('clipsearch_encoder_batch_seconds_count{tower="image"}'),
+            "milvus_write_share": spent('clipsearch_milvus_seconds_sum{operation="upsert"}')
+            / seconds}
 
 
 def ingest(args: argparse.Namespace) -> dict[str, Any]:
@@ -227,7 +214,7 @@ def ingest(args: argparse.Namespace) -> dict[str, Any]:
         tmp = Path(tmp_name)
         folder = tmp / "photos"
         folder.mkdir()
-        paths = _photo_folder(folder, args.images)
+        paths = photo_folder(folder, args.images)
         seed = SeedTutorial(checkpoint, tmp / "seed.db", device=seed_device())
         out["seed_images_per_s"] = seed.ingest(paths)
         seed.close()
@@ -275,20 +262,16 @@ def _search_loads(search: RunningService, quick: bool, repeated: bool = False,
                 call="clipsearch.search.v1.Search.SearchText", host=search.address,
                 data=data, concurrency=concurrency, total=total)))
         load(4 * concurrency)  # warm-up: connections, batch shapes, thread pools
-        before = _scrape(metrics_ports) if metrics_ports else {}
-        report = load(total)
-        rows.append({"concurrency": concurrency, **_report_dict(report),
-                     **(_search_profile(before, _scrape(metrics_ports), report.total_s)
-                        if metrics_ports else {})})
+        with metrics_window(metrics_ports or []) as spent:
+            report = load(total)
+        rows.append({"concurrency": concurrency, **report_dict(report),
+                     **(_search_profile(spent, report.total_s) if metrics_ports else {})})
     return rows
 
 
-def _search_profile(before: dict[str, float], after: dict[str, float],
-                    seconds: float) -> dict[str, float]:
+def _search_profile(spent: Spent, seconds: float) -> dict[str, float]:
     """From the services' metrics over one load: texts per encoder batch, the share of
     the load's time the text tower was running, and the share spent in Milvus searches."""
-    def spent(key: str) -> float:
-        return after.get(key, 0.0) - before.get(key, 0.0)
     batches = spent('clipsearch_encoder_batch_size_count{tower="text"}')
     texts = spent('clipsearch_encoder_batch_size_sum{tower="text"}')
     searches = spent("clipsearch_search_batch_size_count")
