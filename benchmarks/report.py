@@ -12,45 +12,10 @@ from typing import Any
 
 import matplotlib
 
+from benchmarks import verdicts
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after use(): the backend must be chosen first
-
-# What a section's numbers need said beside them (a missed target and its profile), by
-# section; written from measurements, kept here since benchmarks.md is rebuilt every run.
-NOTES: dict[str, str] = {
-    "ingest": (
-        "**Target (issue 13): the chain >= 0.9 of the encoder in process, same precision, "
-        "its best batch. Met in bf16 (0.91), missed in fp32 (0.84).** Where the time "
-        "went, from the services' own metrics (columns on the right): the image tower ran "
-        "97-99% of the wall time and Milvus writes 2-3%, so the chain never starves the "
-        "model; the share is lost inside the model's batches, which ran slower in the "
-        "chain than alone. The cause was image decoding on the same 2 cores: the model "
-        "runs each layer as an OpenMP team that waits at every barrier for its slowest "
-        "thread, and a decoding thread at the same priority made a bf16 batch of 32 take "
-        "2.5x as long (two threads: 3.7x; fp32: 2.2x and 2.9x). Decoding now runs 10 "
-        "steps below the model's priority (`--decode-nice 10`): 1.0-1.17x, while still "
-        "decoding 23-50 images/s in the model's gaps. The last row is the old default in "
-        "the same run: 0.84 against 0.91 (bf16); an earlier run gave 0.88 against 0.96. "
-        "The fp32 figure swings with this VM: 0.79 and 0.95-1.02 in two other runs the "
-        "same day (nice 10 and 19 alike within that noise), where in process at batch 32 "
-        "itself moved 16-22 images/s between sections of one run."),
-    "search": (
-        "**Target (issue 13): concurrency 32, distinct texts, p99 < 100 ms with no "
-        "errors. Missed: p99 300 ms, no errors.** The text tower is the queue: its one "
-        "thread (`--text-threads 1`) is busy 97-99% from concurrency 8 on. Profiled under "
-        "this load (CPU time per query by process, and torch's profiler on the tower): the "
-        "encoder spends 7.4 ms of CPU per query, the search service with Milvus Lite "
-        "(in its process) 1.4 ms, the load generator 0.3 ms; 5.5 ms of the encoder's is "
-        "the tower itself at batch ~10 (one thread), 81% of it in the linear layers "
-        "(aten::addmm), which run at 206 GFLOP/s, the rate of a large bf16 matmul on one "
-        "of these cores (212 GFLOP/s at 448x512x2048, measured alongside; prepacking the "
-        "weights for oneDNN gained 5-8%). A closed loop of 32 callers has p50 ~ 32 / "
-        "queries/s, so p99 < 100 ms needs well over 320 queries/s, about 2.9 cores at "
-        "these costs on a 2-core machine. The cached rows skip the encoder and reach p99 "
-        "95 ms at 522 queries/s. Tried, measured with the same load: a 2 ms query batch "
-        "delay, 2 text threads, one query batch in flight: none a clear gain, so the "
-        "defaults stay. The repeated query's p50 is 0.038x the seed's (target <= 0.1x)."),
-}
 
 
 def machine() -> dict[str, str]:
@@ -139,7 +104,7 @@ def write(results: dict[str, Any], out: Path) -> None:
                           ("model_ms_per_image", "model ms/image in the chain"),
                           ("model_busy", "model busy"),
                           ("milvus_write_share", "Milvus writes")]),
-                  "", *([NOTES["ingest"], ""] if NOTES.get("ingest") else []),
+                  "", verdicts.ingest(r), "",
                   _machine_line(r), ""]
     if "search" in results:
         r = results["search"]
@@ -165,7 +130,7 @@ def write(results: dict[str, Any], out: Path) -> None:
                           ("texts_per_encoder_batch", "texts per encoder batch"),
                           ("text_model_busy", "text tower busy"),
                           ("milvus_search_busy", "Milvus searching")]),
-                  "", *([NOTES["search"], ""] if NOTES.get("search") else []),
+                  "", verdicts.search(r), "",
                   _plot(out / "search_latency.png", "SearchText latency", "concurrency",
                             "ms", {p: ([row["concurrency"] for row in r["rows"]],
                                        [row[f"{p}_ms"] for row in r["rows"]])
