@@ -6,7 +6,6 @@ fresh Milvus Lite file, so no run finds the images of another already stored."""
 from __future__ import annotations
 
 import asyncio
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import LoadConfig, run
+from benchmarks.process_cpu import tree_cpu_seconds
 from benchmarks.scrape import metrics_window
 from benchmarks.sections import SEARCH_REQUEST, photo_folder, report_dict
 from client import SearchClient
@@ -23,28 +23,6 @@ from tests.servers import RunningService, free_port, running
 DEFAULT_INDEX = (32, 2)
 REQUEST, MODEL_BATCH, MILVUS = ("clipsearch_request_seconds", "clipsearch_encoder_batch_seconds",
                                 "clipsearch_milvus_seconds")
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its live descendants (an encoder's decode
-    workers are its children), from /proc."""
-    children: dict[int, list[int]] = {}
-    ticks: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])  # utime, stime
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        total += ticks.get(current, 0)
-        todo += children.get(current, [])
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def ingest(encoder: RunningService, encoder_metrics: int, paths: list[Path], batch: int,

@@ -103,7 +103,11 @@ def write(results: dict[str, Any], out: Path) -> None:
                           ("in_process_ms_per_image", "model ms/image in process"),
                           ("model_ms_per_image", "model ms/image in the chain"),
                           ("model_busy", "model busy"),
-                          ("milvus_write_share", "Milvus writes")]),
+                          ("milvus_write_share", "Milvus writes"),
+                          ("in_process_cpu_ms_per_image", "CPU ms/image in process"),
+                          ("chain_cpu_ms_per_image", "CPU ms/image in the chain"),
+                          ("cpu_ms_per_image", "of it, by process"),
+                          ("cores_busy", "cores busy")]),
                   "", verdicts.ingest(r), "",
                   _machine_line(r), ""]
     if "search" in results:

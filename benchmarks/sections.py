@@ -17,6 +17,7 @@ from google.protobuf import json_format
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.loadgen import LoadConfig, Report, run
+from benchmarks.process_cpu import tree_cpu_seconds
 from benchmarks.scrape import Spent, metrics_window
 from benchmarks.seed import SeedTutorial, percentiles_ms
 from client import SearchClient, image_files
@@ -168,22 +169,27 @@ def in_process_best(checkpoint: Path, precision: str, quick: bool,
     model = load_model(str(checkpoint), precision=precision)
     stages = PreprocessStages.split(model.preprocess)
     pixels = image_pixels(sorted(PHOTOS.iterdir())[0].read_bytes(), stages, 10**8)
-    rates = {}
+    rates, cpu_ms = {}, {}
     for batch in batches:
-        def encode(images: list[Any] = [pixels] * batch) -> None:
+        calls: list[int] = []  # one entry per encode() call, warm-up included
+        def encode(images: list[Any] = [pixels] * batch, calls: list[int] = calls) -> None:
+            calls.append(1)
             with model.on_stream("image"):
                 model.encode_images(stages.batch(images, model.device))
+        cpu_before = time.process_time()  # every thread of this process: all the model's
         rates[batch] = batch / timed(encode, 1 if quick else 4)
+        cpu_ms[batch] = 1000 * (time.process_time() - cpu_before) / (len(calls) * batch)
     best = max(rates, key=rates.__getitem__)
-    return {"batch": best, "images_per_s": rates[best],
+    return {"batch": best, "images_per_s": rates[best], "cpu_ms_per_image": cpu_ms[best],
             "by_batch": {str(b): round(r, 2) for b, r in rates.items()}}
 
 
 def _index_rate(checkpoint: Path, precision: str, encoder_extra: list[str], folder: Path,
-                tmp: Path, name: str, images: int) -> dict[str, float]:
+                tmp: Path, name: str, images: int) -> dict[str, Any]:
     """images/s of `clipsearch index` over `folder` through both services, fresh ones
     (`name` tells their logs and database apart), and where the time went: the encoder's
-    model time per image batch and the search service's Milvus writes (their metrics)."""
+    model time per image batch and the search service's Milvus writes (their metrics),
+    and each process's CPU per image (the client is this process)."""
     ports = [free_port(), free_port()]
     with running(["serve", "encoder", "--model", str(checkpoint), "--precision", precision,
                   "--metrics-port", str(ports[0]), *encoder_extra],
@@ -192,17 +198,25 @@ def _index_rate(checkpoint: Path, precision: str, encoder_extra: list[str], fold
                  str(tmp / f"{name}.db"), "--metrics-port", str(ports[1])],
                 tmp / f"search-{name}.log") as search, \
             SearchClient(search.address) as client:
+        pids = {"encoder": encoder.process.pid, "search": search.process.pid}
         with metrics_window(ports) as spent:
+            cpu_before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
+            client_before = time.process_time()
             started = time.perf_counter()
             summary = client.index_files(image_files(folder))
             seconds = time.perf_counter() - started
+            cpu = {name: tree_cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+            cpu["client"] = time.process_time() - client_before
         assert summary.added == images, summary.failures[:3]
     model_s = spent('clipsearch_encoder_batch_seconds_sum{tower="image"}')
     return {"images_per_s": images / seconds, "seconds": seconds, "model_busy": model_s / seconds,
             "model_ms_per_image": 1000 * model_s / images,
             "image_batches": spent('clipsearch_encoder_batch_seconds_count{tower="image"}'),
             "milvus_write_share": spent('clipsearch_milvus_seconds_sum{operation="upsert"}')
-            / seconds}
+            / seconds,
+            "cpu_ms_per_image": {name: round(1000 * s / images, 2) for name, s in cpu.items()},
+            "chain_cpu_ms_per_image": 1000 * sum(cpu.values()) / images,
+            "cores_busy": sum(cpu.values()) / seconds}
 
 
 def ingest(args: argparse.Namespace) -> dict[str, Any]:
@@ -234,7 +248,8 @@ def ingest(args: argparse.Namespace) -> dict[str, Any]:
                     "ratio_to_seed": rate / out["seed_images_per_s"],
                     "ratio_to_in_process": rate / best["images_per_s"],
                     # the model alone would take 1000 / best images/s per image
-                    "in_process_ms_per_image": 1000 / best["images_per_s"]})
+                    "in_process_ms_per_image": 1000 / best["images_per_s"],
+                    "in_process_cpu_ms_per_image": best["cpu_ms_per_image"]})
     return out
 
 

@@ -55,6 +55,8 @@ def ingest(r: dict[str, Any]) -> str:
                          for row in chain)
     text = (f"**Target (issue 13): the chain >= {INGEST_TARGET} of the encoder in process, "
             f"same precision, its best batch. This run: {verdicts}.** {INGEST_PROFILE}")
+    text += "".join(_cpu_ceiling(row, int(r["machine"]["cores"])) for row in chain
+                    if "chain_cpu_ms_per_image" in row)
     old = [row for row in r["runs"] if row.get("what") == OLD_DEFAULT]
     new = [row for row in chain if old and row["precision"] == old[0]["precision"]]
     if old and new:
@@ -62,6 +64,19 @@ def ingest(r: dict[str, Any]) -> str:
                  f"{old[0]['ratio_to_in_process']:.2f} against "
                  f"{new[0]['ratio_to_in_process']:.2f} ({old[0]['precision']}).")
     return text
+
+
+def _cpu_ceiling(row: dict[str, Any], cores: int) -> str:
+    """What the chain's CPU per image allows: every process shares the machine's cores with
+    the model, so all of them at work give at most cores / CPU-per-image images/s."""
+    in_process_rate = 1000 / row["in_process_ms_per_image"]
+    ceiling = cores * 1000 / row["chain_cpu_ms_per_image"] / in_process_rate
+    by_process = ", ".join(f"{name} {ms:.1f}" for name, ms in row["cpu_ms_per_image"].items())
+    return (f" In {row['precision']} the chain spent {row['chain_cpu_ms_per_image']:.1f} ms "
+            f"of CPU per image ({by_process}) against the model's "
+            f"{row['in_process_cpu_ms_per_image']:.1f} in process, with {row['cores_busy']:.2f} "
+            f"of {cores} cores busy: at that cost even {cores} fully busy cores allow "
+            f"{ceiling:.2f} of the in-process rate.")
 
 
 def search(r: dict[str, Any]) -> str:

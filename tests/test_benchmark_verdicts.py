@@ -42,3 +42,18 @@ def test_the_markdown_carries_them(tmp_path: Any) -> None:
     search["rows"][0].update(p50_ms=60.0, p90_ms=80.0)
     report.write({"search": search}, tmp_path)
     assert "This run: met, p99 95 ms" in (tmp_path / "benchmarks.md").read_text()
+
+
+def test_ingest_says_what_the_chains_cpu_per_image_allows() -> None:
+    """2 cores, 80 ms of CPU per image in the chain: at most 25 images/s, 0.75 of a model
+    that does 33.3 images/s in process."""
+    results = _ingest(0.7, 0.7, 0.7)
+    results["machine"] = {"cores": "2"}
+    results["runs"][1].update(in_process_ms_per_image=30.0, in_process_cpu_ms_per_image=58.0,
+                              chain_cpu_ms_per_image=80.0, cores_busy=1.9,
+                              cpu_ms_per_image={"encoder": 70.0, "search": 8.0, "client": 2.0})
+    text = verdicts.ingest(results)
+    assert ("In bf16 the chain spent 80.0 ms of CPU per image (encoder 70.0, search 8.0, "
+            "client 2.0) against the model's 58.0 in process, with 1.90 of 2 cores busy: at "
+            "that cost even 2 fully busy cores allow 0.75 of the in-process rate.") in text
+    assert text.count("the chain spent") == 1  # the fp32 row has no CPU figures
