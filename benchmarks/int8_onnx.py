@@ -81,7 +81,7 @@ def _quantise(plain: Path, quantised: Path, name: str,
     # shape inference fails on clip's reshapes (a non-literal rank), ONNX's own does not.
     quant_pre_process(str(plain), str(prepared), skip_symbolic_shape=True)
     # QOperator, not QDQ: 52 against 42 images/s for the ViT-B/32 image tower at batch 32,
-    # measured side by side on 2 cores (identical vectors).
+    # measured side by side on 2 cores (the same cosines to fp32).
     quantize_static(str(prepared), str(quantised), _reader(calibration[name]),
                     quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, per_channel=True,
