@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import LoadConfig, run
-from benchmarks.process_cpu import tree_cpu_seconds
+from benchmarks.process_cpu import cpu_window
 from benchmarks.scrape import metrics_window
 from benchmarks.sections import SEARCH_REQUEST, photo_folder, report_dict
 from client import SearchClient
@@ -35,14 +35,10 @@ def ingest(encoder: RunningService, encoder_metrics: int, paths: list[Path], bat
                   "--metrics-port", str(port)], db.with_suffix(".log")) as search, \
             SearchClient(search.address) as client:
         pids = {"encoder": encoder.process.pid, "search": search.process.pid}
-        with metrics_window([encoder_metrics, port]) as spent:
-            cpu_before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
-            client_before = time.process_time()
+        with metrics_window([encoder_metrics, port]) as spent, cpu_window(pids) as cpu:
             started = time.perf_counter()
             summary = client.index_files(paths)
             seconds = time.perf_counter() - started
-            cpu = {name: tree_cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
-            cpu["client"] = time.process_time() - client_before
     return {"index_batch": batch, "index_pipeline": pipeline, "added": summary.added,
             "failed": summary.failed, "images_per_s": len(paths) / seconds,
             "cpu_ms_per_image": {name: round(1000 * s / len(paths), 3)

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -27,3 +30,15 @@ def tree_cpu_seconds(pid: int) -> float:
         total += ticks.get(current, 0)
         todo += children.get(current, [])
     return total / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def cpu_window(pids: dict[str, int]) -> Iterator[dict[str, float]]:
+    """CPU seconds each process tree of `pids` (by name) used during the block, and this
+    process's own as "client"; the yielded dict is filled when the block ends."""
+    spent: dict[str, float] = {}
+    before = {who: tree_cpu_seconds(pid) for who, pid in pids.items()}
+    client_before = time.process_time()  # every thread of this process
+    yield spent
+    spent.update({who: tree_cpu_seconds(pid) - before[who] for who, pid in pids.items()})
+    spent["client"] = time.process_time() - client_before

@@ -17,7 +17,7 @@ from google.protobuf import json_format
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.loadgen import LoadConfig, Report, run
-from benchmarks.process_cpu import tree_cpu_seconds
+from benchmarks.process_cpu import cpu_window
 from benchmarks.scrape import Spent, metrics_window
 from benchmarks.seed import SeedTutorial, percentiles_ms
 from client import SearchClient, image_files
@@ -199,14 +199,10 @@ def _index_rate(checkpoint: Path, precision: str, encoder_extra: list[str], fold
                 tmp / f"search-{name}.log") as search, \
             SearchClient(search.address) as client:
         pids = {"encoder": encoder.process.pid, "search": search.process.pid}
-        with metrics_window(ports) as spent:
-            cpu_before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
-            client_before = time.process_time()
+        with metrics_window(ports) as spent, cpu_window(pids) as cpu:
             started = time.perf_counter()
             summary = client.index_files(image_files(folder))
             seconds = time.perf_counter() - started
-            cpu = {name: tree_cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
-            cpu["client"] = time.process_time() - client_before
         assert summary.added == images, summary.failures[:3]
     model_s = spent('clipsearch_encoder_batch_seconds_sum{tower="image"}')
     return {"images_per_s": images / seconds, "seconds": seconds, "model_busy": model_s / seconds,
