@@ -25,7 +25,9 @@ INGEST_PROFILE = (
     "(`--decode-nice 10`): 1.0-1.17x, while still decoding 23-50 images/s in the model's "
     "gaps. The fp32 figure swings with this VM: 0.79, 0.84 and 0.95-1.02 in earlier runs "
     "(nice 10 and 19 alike within that noise), where in process at batch 32 itself moved "
-    "16-22 images/s between sections of one run.")
+    "16-22 images/s between sections of one run. The in-process figure starts from decoded "
+    "pixels; the chain also decodes every image and carries it through two services and "
+    "Milvus Lite on the same cores; what that costs is in the CPU figures that follow.")
 
 SEARCH_PROFILE = (
     "The text tower is the queue: its one thread (`--text-threads 1`) is busy 97-99% from "
